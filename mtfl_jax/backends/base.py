@@ -1,0 +1,216 @@
+"""What every execution backend shares: the unit of work (:class:`Job`), the result of a run
+(:class:`RunResult`), data feeding, and the turning of shares into steps per slice."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from mtfl_jax.data import load_dataset
+from mtfl_jax.tasks import Task, get_task
+from mtfl_jax.train import batch_indices, init_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One task's work in a round on one device: ``steps`` local SGD steps from a state seeded
+  by ``seed`` (or given params), on batches drawn from ``indices`` of the task's training
+  split (all of it when None) in an order seeded by ``seed``.
+
+  ``fault`` is for testing failure handling: "crash" or "hang" makes a worker fail.
+  """
+  task: Task
+  steps: int
+  seed: int = 0
+  indices: Any = dataclasses.field(default=None, compare=False, hash=False)
+  allow_synthetic: bool = True
+  fault: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "task", get_task(self.task))
+    if not (isinstance(self.steps, (int, np.integer)) and self.steps >= 1):
+      raise ValueError(f"job for task '{self.task.name}': steps must be a positive integer, "
+                       f"got {self.steps!r}")
+    if self.fault not in (None, "crash", "hang"):
+      raise ValueError(f"fault must be None, 'crash' or 'hang', got {self.fault!r}")
+
+  @property
+  def name(self) -> str:
+    return self.task.name
+
+
+def check_jobs(jobs: Sequence[Job]) -> list[Job]:
+  jobs = list(jobs)
+  if not jobs:
+    raise ValueError("no jobs to run")
+  names = [j.name for j in jobs]
+  if len(set(names)) != len(names):
+    raise ValueError(f"one job per task on a device; got {names}")
+  return jobs
+
+
+@dataclasses.dataclass
+class RunResult:
+  """Timings (seconds from the common start) and, if asked for, final params per task."""
+  backend: str
+  shares: dict[str, float]
+  makespan_s: float
+  finish_times_s: dict[str, float]
+  step_times_s: dict[str, np.ndarray]  # completion time of each step (per slice for 'fused')
+  setup_s: float  # compilation / start-up of this run, excluded from the makespan
+  params: dict[str, Any] | None = None
+
+
+class Feed:
+  """A job's batches: the same sequence whatever the backend or slicing."""
+
+  def __init__(self, job: Job):
+    ds = load_dataset(job.task.dataset, allow_synthetic=job.allow_synthetic)
+    self.x, self.y, self.source = ds.x_train, ds.y_train, ds.source
+    idx = np.arange(len(self.x)) if job.indices is None else np.asarray(job.indices)
+    self.ids = batch_indices(idx, job.task.batch_size, int(job.steps), job.seed)
+
+  def batch(self, j: int) -> dict:
+    ids = self.ids[j]
+    return {"image": self.x[ids], "label": self.y[ids]}
+
+  def batches(self, start: int, stop: int) -> dict:
+    ids = self.ids[start:stop]
+    return {"image": self.x[ids], "label": self.y[ids]}
+
+
+def initial_state(job: Job, params: Mapping[str, Any] | None):
+  p = None if params is None else params.get(job.name)
+  return init_state(job.task, job.seed, p)
+
+
+def check_shares(jobs: Sequence[Job], shares: Mapping[str, float] | None) -> dict[str, float]:
+  """Shares per task (fractions of the device; may sum past 1). None means equal shares."""
+  names = [j.name for j in jobs]
+  if shares is None:
+    return {n: 1.0 for n in names}
+  unknown = set(shares) - set(names)
+  if unknown:
+    raise ValueError(f"shares name task(s) {sorted(unknown)} with no job here; jobs: {names}")
+  missing = [n for n in names if n not in shares]
+  if missing:
+    raise ValueError(f"no share given for task(s) {missing}")
+  for n, v in shares.items():
+    if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
+      raise ValueError(f"share of task '{n}' must be a finite number > 0, got {v!r}")
+  return {n: float(shares[n]) for n in names}
+
+
+def slice_schedule(jobs: Sequence[Job], shares: Mapping[str, float],
+                   step_times: Mapping[str, float], slice_s: float = 0.05) -> list[tuple[int, ...]]:
+  """Turns shares of device time into steps per slice (time-slicing's knob).
+
+  In a slice of ``slice_s`` seconds task i gets ``k_i = max(1, round(slice_s * share_i / s_i))``
+  steps (its share of the slice's time over its solo step time). Returns one tuple of per-job
+  step counts per slice; a task that is done gets 0.
+  """
+  if not slice_s > 0:
+    raise ValueError(f"slice_s must be > 0, got {slice_s!r}")
+  k = {j.name: max(1, round(slice_s * shares[j.name] / max(step_times[j.name], 1e-9))) for j in jobs}
+  left = {j.name: int(j.steps) for j in jobs}
+  out = []
+  while any(left.values()):
+    row = tuple(min(k[j.name], left[j.name]) for j in jobs)
+    for j, s in zip(jobs, row):
+      left[j.name] -= s
+    out.append(row)
+  return out
+
+
+def fetch_params(states: Mapping[str, Any]) -> dict[str, Any]:
+  return {n: jax.device_get(s.params) for n, s in states.items()}
+
+
+class Clock:
+  """Wall-clock stamps relative to one start (``time.perf_counter`` is CLOCK_MONOTONIC on
+  Linux, so stamps of different processes compare)."""
+
+  def __init__(self, start: float | None = None):
+    self.start = time.perf_counter() if start is None else start
+
+  def now(self) -> float:
+    return time.perf_counter() - self.start
+
+
+BACKENDS: dict[str, type["Runner"]] = {}
+
+
+def register(cls):
+  """Class decorator: makes a runner available by its ``name``."""
+  BACKENDS[cls.name] = cls
+  return cls
+
+
+class Runner:
+  """A backend opened on a fixed set of jobs: ``run(shares)`` executes one round of them.
+
+  Opening compiles (or starts workers); every ``run`` starts each job from its initial state
+  (seeded, or ``params``), so runs under different shares are directly comparable. Use as a
+  context manager so that workers and threads are always released.
+  """
+  name = "base"
+
+  def __init__(self, jobs: Sequence[Job]):
+    self.jobs = check_jobs(jobs)
+    self.solo_step_s: dict[str, float] = {}
+
+  def run(self, shares: Mapping[str, float] | None = None, params: Mapping[str, Any] | None = None,
+          return_params: bool = False) -> RunResult:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def sync_every(solo_step_s: float, period_s: float = 0.01) -> int:
+  """Steps between two synchronisations: about every ``period_s`` of solo work. JAX dispatches
+  asynchronously, so only a synchronised step has a true completion time; syncing every step
+  would stall the pipeline of a tiny task."""
+  return max(1, int(period_s / max(solo_step_s, 1e-9)))
+
+
+def run_steps(step, state, feed: "Feed", start: int, stop: int, every: int, clock: "Clock", stamps):
+  """Steps ``start..stop-1`` of a job, stamping (and syncing) every ``every`` steps and the last."""
+  for i in range(start, stop):
+    state, _ = step(state, feed.batch(i))
+    if (i + 1) % every == 0 or i == stop - 1:
+      jax.block_until_ready(state)
+      stamps[i] = clock.now()
+  return state
+
+
+def time_solo(step, state, feed: "Feed", steps: int, min_s: float = 0.05) -> float:
+  """Solo seconds per step, pipelined as in a run (one sync at the end), after one warm-up
+  call; runs at least ``min_s`` seconds."""
+  state, _ = step(state, feed.batch(0))
+  jax.block_until_ready(state)
+  n, total = 0, 0.0
+  while total < min_s or n < 5:
+    t0 = time.perf_counter()
+    for i in range(max(5, n)):
+      state, _ = step(state, feed.batch((n + i) % steps))
+    jax.block_until_ready(state)
+    total += time.perf_counter() - t0
+    n += max(5, n)
+  return total / n
+
+
+def measure_solo(step, jobs: Sequence[Job], feeds: Mapping[str, Feed]) -> dict[str, float]:
+  """Solo (pipelined) seconds per step of each job, one job at a time."""
+  return {job.name: time_solo(step[job.name], init_state(job.task, job.seed), feeds[job.name], job.steps)
+          for job in jobs}

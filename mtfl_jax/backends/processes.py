@@ -1,0 +1,273 @@
+"""``processes``: one spawned worker process per task, each with its own JAX runtime.
+
+Shares become the operating system's knobs:
+
+* GPU: ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100 * share`` for each worker under a running
+  CUDA MPS control daemon (the paper's mechanism). Shares summing to at most 1 partition the
+  SMs; summing past 1 oversubscribe them (competitive). The percentage is fixed when a CUDA
+  context starts, so new shares restart the workers (reported as set-up, not makespan).
+* CPU: shares summing to at most 1 partition the cores (disjoint affinity; tasks that must
+  share a core get CFS weights by share); summing past 1, every worker may use every core
+  and its CFS weight (nice value; ~1.25x per step) follows its share. Linux keeps affinity
+  and nice per thread, so both are applied to every thread of a worker.
+
+Workers that crash or do not answer within ``timeout_s`` are reported by task name and all
+workers are reaped: no hang, no orphan process.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from mtfl_jax.backends.base import Job, RunResult, Runner, check_shares, register, sync_every
+
+
+class WorkerError(RuntimeError):
+  """A worker process crashed, hung or raised; the message names its task."""
+
+
+# --------------------------------------------------------------------------- worker side
+def _worker_main(conn, job: Job):
+  """Runs in the spawned process: compile, then serve 'solo', 'run' and 'stop' requests."""
+  try:
+    import jax
+    from mtfl_jax.backends.base import Clock, Feed, initial_state, run_steps, time_solo
+    from mtfl_jax.train import init_state, make_train_step
+
+    t0 = time.perf_counter()
+    feed = Feed(job)
+    step = jax.jit(make_train_step(job.task))
+    state, _ = step(init_state(job.task, job.seed), feed.batch(0))
+    jax.block_until_ready(state)
+    conn.send(("ready", time.perf_counter() - t0, os.getpid()))
+    while True:
+      msg = conn.recv()
+      if msg[0] == "stop":
+        return
+      if msg[0] == "solo":
+        conn.send(("solo", time_solo(step, state, feed, job.steps)))
+      elif msg[0] == "run":
+        _, start_at, params, return_params, every = msg
+        if job.fault == "crash":
+          os._exit(3)
+        if job.fault == "hang":
+          time.sleep(1e9)
+        state = initial_state(job, params)
+        jax.block_until_ready(state)
+        while time.perf_counter() < start_at:
+          pass
+        stamps = np.full(job.steps, np.nan)
+        state = run_steps(step, state, feed, 0, job.steps, every, Clock(start_at), stamps)
+        conn.send(("done", stamps, jax.device_get(state.params) if return_params else None))
+  except (EOFError, KeyboardInterrupt, BrokenPipeError):
+    return
+  except BaseException as e:  # noqa: BLE001 - reported to the parent with the task name
+    try:
+      conn.send(("error", f"{type(e).__name__}: {e}"))
+    except (BrokenPipeError, OSError):
+      pass
+
+
+# --------------------------------------------------------------------------- placement
+def cpu_placement(shares: Mapping[str, float], cores: list[int]) -> dict[str, tuple[list[int], int]]:
+  """(cores, nice) per task for CPU shares: a partition when they sum to at most 1, else
+  every core for everyone with CFS weights by share."""
+  names = list(shares)
+  total = sum(shares.values())
+  top = max(shares.values())
+  nice = lambda a, ref: int(min(19, max(0, round(math.log(ref / a) / math.log(1.25)))))
+  if total > 1 + 1e-9 or len(names) == 1:
+    return {n: (list(cores), nice(shares[n], top)) for n in names}
+  out = {}
+  if len(names) <= len(cores):
+    # largest-remainder apportionment of cores, at least one each
+    want = {n: shares[n] / total * len(cores) for n in names}
+    got = {n: max(1, int(want[n])) for n in names}
+    while sum(got.values()) > len(cores):
+      got[max((n for n in names if got[n] > 1), key=lambda n: got[n] - want[n])] -= 1
+    for n in sorted(names, key=lambda n: want[n] - got[n], reverse=True):
+      if sum(got.values()) < len(cores):
+        got[n] += 1
+    i = 0
+    for n in names:
+      out[n] = (cores[i:i + got[n]], 0)
+      i += got[n]
+    return out
+  # more tasks than cores: greedy bin packing, CFS weights among the tasks of one core
+  load = {c: [] for c in cores}
+  for n in sorted(names, key=lambda n: -shares[n]):
+    c = min(cores, key=lambda c: sum(shares[m] for m in load[c]))
+    load[c].append(n)
+  for c, members in load.items():
+    ref = max((shares[m] for m in members), default=1.0)
+    for m in members:
+      out[m] = ([c], nice(shares[m], ref))
+  return out
+
+
+def _threads_of(pid: int) -> list[int]:
+  try:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+  except OSError:
+    return [pid]
+
+
+def apply_cpu_placement(pid: int, cores: list[int], nice: int) -> None:
+  for tid in _threads_of(pid):
+    try:
+      os.sched_setaffinity(tid, cores)
+      os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except ProcessLookupError:
+      continue
+    except PermissionError:
+      raise PermissionError(
+          "lowering a worker's nice value needs root or CAP_SYS_NICE; open a new "
+          "'processes' runner for each allocation instead of re-running one") from None
+
+
+def mps_daemon_running() -> bool:
+  for comm in Path("/proc").glob("[0-9]*/comm"):
+    try:
+      if comm.read_text().strip() == "nvidia-cuda-mps-control":
+        return True
+    except OSError:
+      continue
+  return False
+
+
+MPS_HELP = ("the 'processes' backend shares a GPU through CUDA MPS, but no MPS control daemon "
+            "runs. Start one with `nvidia-cuda-mps-control -d` (stop it with "
+            "`echo quit | nvidia-cuda-mps-control`), or pass use_mps=False (time-sliced "
+            "contexts), or use the 'fused' or 'threads' backend.")
+
+
+# --------------------------------------------------------------------------- runner
+@register
+class ProcessesRunner(Runner):
+  name = "processes"
+
+  def __init__(self, jobs, timeout_s: float = 600.0, platform: str | None = None,
+               use_mps: bool = True, single_threaded: bool = False):
+    super().__init__(jobs)
+    import jax
+    self.platform = platform or jax.default_backend()
+    self.timeout_s = timeout_s
+    self.use_mps = use_mps and self.platform == "gpu"
+    self.single_threaded = single_threaded
+    if self.use_mps and not mps_daemon_running():
+      raise RuntimeError(MPS_HELP)
+    self.cores = sorted(os.sched_getaffinity(0))
+    self.ctx = mp.get_context("spawn")
+    self.procs: dict[str, mp.Process] = {}
+    self.conns: dict[str, mpc.Connection] = {}
+    self.pids: dict[str, int] = {}
+    self.mps_shares: dict[str, float] | None = None
+    self.setup_s = self._start({j.name: 1.0 for j in self.jobs})
+    self.solo_step_s = {}
+    for job in self.jobs:  # one at a time: solo means alone on the device
+      self.conns[job.name].send(("solo",))
+      self.solo_step_s[job.name] = self._recv(job.name, "solo")[1]
+
+  # -- worker management
+  def _start(self, shares: Mapping[str, float]) -> float:
+    t0 = time.perf_counter()
+    self.close()
+    saved = dict(os.environ)
+    try:
+      os.environ["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
+      os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+      if self.single_threaded and self.platform == "cpu":
+        # one XLA CPU thread per worker: the OS, not Eigen, spreads tasks over cores
+        os.environ["XLA_FLAGS"] = (saved.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   " intra_op_parallelism_threads=1").strip()
+      for job in self.jobs:
+        if self.use_mps:
+          os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
+        parent, child = self.ctx.Pipe()
+        p = self.ctx.Process(target=_worker_main, args=(child, job), daemon=True,
+                             name=f"mtfl-worker-{job.name}")
+        p.start()
+        child.close()
+        self.procs[job.name], self.conns[job.name] = p, parent
+    finally:
+      os.environ.clear()
+      os.environ.update(saved)
+    for job in self.jobs:
+      self.pids[job.name] = self._recv(job.name, "ready")[2]
+    self.mps_shares = dict(shares) if self.use_mps else None
+    return time.perf_counter() - t0
+
+  def _fail(self, name: str, why: str):
+    self.close()
+    raise WorkerError(f"worker for task '{name}' {why}; all workers were stopped")
+
+  def _recv(self, name: str, kind: str, deadline: float | None = None):
+    deadline = deadline or time.perf_counter() + self.timeout_s
+    conn, proc = self.conns[name], self.procs[name]
+    while True:
+      left = deadline - time.perf_counter()
+      if left <= 0:
+        self._fail(name, f"did not answer '{kind}' within {self.timeout_s:.0f} s (hung?)")
+      ready = mpc.wait([conn, proc.sentinel], timeout=min(left, 1.0))
+      if conn in ready:
+        try:
+          msg = conn.recv()
+        except EOFError:
+          msg = None
+        if msg is not None and msg[0] == "error":
+          self._fail(name, f"raised {msg[1]}")
+        if msg is not None:
+          return msg
+      if proc.sentinel in ready or not proc.is_alive():
+        proc.join(1)
+        self._fail(name, f"died (exit code {proc.exitcode})")
+
+  def _place(self, shares: Mapping[str, float]) -> float:
+    if self.platform == "gpu":
+      if self.use_mps and shares != self.mps_shares:
+        return self._start(shares)
+      return 0.0
+    for name, (cores, nice) in cpu_placement(shares, self.cores).items():
+      apply_cpu_placement(self.pids[name], cores, nice)
+    return 0.0
+
+  # -- the round
+  def run(self, shares=None, params=None, return_params=False) -> RunResult:
+    if not self.procs:
+      raise RuntimeError("this runner is closed (a worker failed or close() was called); open a new one")
+    shares = check_shares(self.jobs, shares)
+    setup = self._place(shares)
+    start_at = time.perf_counter() + 0.05 + 0.002 * len(self.jobs)
+    for job in self.jobs:
+      p = None if params is None else params.get(job.name)
+      self.conns[job.name].send(("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
+    deadline = time.perf_counter() + self.timeout_s
+    stamps, out = {}, {}
+    for job in self.jobs:
+      _, stamps[job.name], out[job.name] = self._recv(job.name, "run", deadline)
+    finish = {n: float(np.nanmax(t)) for n, t in stamps.items()}
+    return RunResult(self.name, shares, max(finish.values()), finish, stamps, setup,
+                     out if return_params else None)
+
+  def close(self):
+    for name, conn in list(self.conns.items()):
+      try:
+        conn.send(("stop",))
+      except (BrokenPipeError, OSError):
+        pass
+    for name, p in list(self.procs.items()):
+      p.join(timeout=2)
+      if p.is_alive():
+        p.kill()
+        p.join(timeout=5)
+      self.conns[name].close()
+    self.procs.clear()
+    self.conns.clear()
+    self.pids.clear()

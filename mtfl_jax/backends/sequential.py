@@ -1,0 +1,41 @@
+"""``sequential``: one jitted step per Python call, one task after another (the baseline,
+and what per-client loops in FL simulators do). Shares are ignored: each task has the whole
+device while it runs."""
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from mtfl_jax.backends.base import (Clock, Feed, RunResult, Runner, check_shares, fetch_params,
+                                    initial_state, measure_solo, register, run_steps, sync_every)
+from mtfl_jax.train import make_train_step
+
+
+@register
+class SequentialRunner(Runner):
+  name = "sequential"
+
+  def __init__(self, jobs):
+    super().__init__(jobs)
+    t0 = time.perf_counter()
+    self.feeds = {j.name: Feed(j) for j in self.jobs}
+    self.step = {j.name: jax.jit(make_train_step(j.task)) for j in self.jobs}
+    self.solo_step_s = measure_solo(self.step, self.jobs, self.feeds)
+    self.setup_s = time.perf_counter() - t0
+
+  def run(self, shares=None, params=None, return_params=False) -> RunResult:
+    shares = check_shares(self.jobs, shares)
+    states = {j.name: initial_state(j, params) for j in self.jobs}
+    jax.block_until_ready(states)
+    stamps = {}
+    clock = Clock()
+    for job in self.jobs:
+      t = np.full(job.steps, np.nan)
+      states[job.name] = run_steps(self.step[job.name], states[job.name], self.feeds[job.name], 0,
+                                   job.steps, sync_every(self.solo_step_s[job.name]), clock, t)
+      stamps[job.name] = t
+    finish = {n: float(np.nanmax(t)) for n, t in stamps.items()}
+    return RunResult(self.name, shares, max(finish.values()), finish, stamps, 0.0,
+                     fetch_params(states) if return_params else None)
