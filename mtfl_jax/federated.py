@@ -1,0 +1,535 @@
+"""Multi-task federated averaging (McMahan et al., 2017) on a virtual clock.
+
+Every task has its own global model. In a round the server samples clients; each sampled
+client trains every task it holds for its workload (``epochs * ceil(n / batch)`` local SGD
+steps, from the global model, with a fresh optimizer state) and returns its model delta; the
+server averages the deltas weighted by sample counts and applies them with an optax
+optimizer (plain averaging is server SGD with learning rate 1).
+
+Client work is three pure pieces, so the execution plan is a choice, not a rewrite (as in
+fedjax's ``for_each_client``): :func:`client_init`, :func:`make_train_step` (the client
+step) and :func:`client_final`. :func:`run_clients` runs them as a per-client loop or as one
+``jax.vmap`` over the clients of a task (masked steps for clients with less work), and
+``simulator="auto"`` picks whichever measures faster for each task.
+
+Policies (what a round's plan is):
+
+* ``none``: equal shares on every client's device, fixed local epochs;
+* ``intra``: virtual-resource-weighted shares on each client (same training as ``none``:
+  only the clock changes);
+* ``full``: ``intra`` plus inter-device coordination. The server sets a round deadline, the
+  ``deadline_quantile`` of the sampled clients' ``intra`` round times, and every client
+  scales its local work to finish by it (slow clients do fewer steps, fast ones more, at
+  most ``max_work_scale`` times their epochs; at least one step per task). Unequal local
+  steps would bias plain FedAvg towards clients that step more (objective inconsistency,
+  Wang et al. 2020), so ``full`` aggregates with FedNova's normalisation: each delta is
+  divided by its step count, weighted by samples, and rescaled by the weighted mean step
+  count. The weights stay the clients' sample shares: no client counts more for being fast.
+
+Reliability: a checkpoint (orbax) after every round holds the server state, the round index
+and the history; a rerun with the same config and workdir resumes from it and ends with the
+same parameters and metrics. A client that raises or times out is dropped from that round's
+aggregate (weights renormalised over the rest) and recorded; a task whose clients all
+failed keeps its global model. A non-finite update stops the run naming task, round and
+client; the last good checkpoint stays.
+
+Example::
+
+    cfg = FedConfig(tasks=("digits_mlp",), num_clients=10, rounds=20, alpha=0.5)
+    result = run_federated(cfg)
+    result.history[-1]["accuracy"]["digits_mlp"]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtfl_jax.clock import SPEED_SIGMA, Fleet, client_compute_time, transfer_time
+from mtfl_jax.data import load_dataset
+from mtfl_jax.partition import assign_tasks, skewed_partition
+from mtfl_jax.tasks import ALL_TASKS, get_task
+from mtfl_jax.train import TrainState, evaluate, init_params, init_state, make_train_step, workload_steps
+from mtfl_jax.vresource import VRModel
+
+FED_POLICIES = ("none", "intra", "full")
+SIMULATORS = ("auto", "loop", "vmap")
+FAULTS = ("raise", "timeout", "nan")
+
+
+class ClientFailure(RuntimeError):
+  """A client's work failed (raised); the round goes on without it."""
+
+
+class NonFiniteUpdate(FloatingPointError):
+  """A client's update is NaN or infinite: the run stops (the last checkpoint is kept)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FedConfig:
+  tasks: tuple[str, ...] = ("digits_mlp",)
+  num_clients: int = 10
+  clients_per_round: int = 10
+  rounds: int = 10
+  local_epochs: float = 1.0
+  alpha: float | None = 0.5  # Dirichlet label skew; None: quantity skew only
+  quantity_sigma: float = 0.0
+  presence: float = 1.0  # probability that a client holds a task
+  policy: str = "none"
+  deadline_quantile: float = 0.5
+  max_work_scale: float = 2.0
+  server_lr: float = 1.0
+  seed: int = 0
+  eval_every: int = 1
+  simulator: str = "auto"
+  speed_sigma: float = SPEED_SIGMA
+  trace: str | None = None
+  client_timeout_s: float | None = None  # virtual seconds; slower clients are dropped
+  faults: tuple = ()  # for testing: ((round, client, "raise" | "timeout" | "nan"), ...)
+
+  def __post_init__(self):
+    object.__setattr__(self, "tasks", tuple(self.tasks))
+    object.__setattr__(self, "faults", tuple(tuple(f) for f in self.faults))
+    check_config(self)
+
+  def to_json(self) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def check_config(cfg: FedConfig) -> None:
+  def bad(msg):
+    raise ValueError(f"bad federated config: {msg}")
+  if not cfg.tasks:
+    bad(f"no tasks; valid: {', '.join(ALL_TASKS)}")
+  for t in cfg.tasks:
+    get_task(t)
+  if len(set(cfg.tasks)) != len(cfg.tasks):
+    bad(f"a task is named twice in {cfg.tasks}")
+  if not (isinstance(cfg.num_clients, int) and cfg.num_clients >= 1):
+    bad(f"num_clients must be an integer >= 1, got {cfg.num_clients!r}")
+  if not (isinstance(cfg.clients_per_round, int) and 1 <= cfg.clients_per_round <= cfg.num_clients):
+    bad(f"clients_per_round must be between 1 and num_clients ({cfg.num_clients}), got {cfg.clients_per_round!r}")
+  if not (isinstance(cfg.rounds, int) and cfg.rounds >= 1):
+    bad(f"rounds must be an integer >= 1, got {cfg.rounds!r}")
+  if not (cfg.local_epochs > 0 and math.isfinite(cfg.local_epochs)):
+    bad(f"local_epochs must be > 0, got {cfg.local_epochs!r}")
+  if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
+    bad(f"Dirichlet alpha must be a finite number > 0 (or None for no label skew), got {cfg.alpha!r}")
+  if cfg.policy not in FED_POLICIES:
+    bad(f"unknown policy {cfg.policy!r}; valid: {', '.join(FED_POLICIES)}")
+  if cfg.simulator not in SIMULATORS:
+    bad(f"unknown simulator {cfg.simulator!r}; valid: {', '.join(SIMULATORS)}")
+  if not 0 < cfg.deadline_quantile <= 1:
+    bad(f"deadline_quantile must lie in (0, 1], got {cfg.deadline_quantile!r}")
+  if not cfg.max_work_scale >= 1:
+    bad(f"max_work_scale must be >= 1, got {cfg.max_work_scale!r}")
+  if not cfg.server_lr > 0:
+    bad(f"server_lr must be > 0, got {cfg.server_lr!r}")
+  for f in cfg.faults:
+    if len(f) != 3 or f[2] not in FAULTS:
+      bad(f"fault {f!r} must be (round, client, kind) with kind in {FAULTS}")
+
+
+class ServerState(flax.struct.PyTreeNode):
+  """The server's state between rounds: per-task global params and server optimizer states."""
+  round: jax.Array
+  params: dict
+  opt_state: dict
+
+
+# --------------------------------------------------------------------------- federation data
+@dataclasses.dataclass
+class Federation:
+  """What a config builds once: datasets, per-client shards per task, the fleet."""
+  cfg: FedConfig
+  datasets: dict
+  shards: dict  # task -> list (per client) of index arrays (empty: client lacks the task)
+  fleet: Fleet
+  model_bytes: dict
+  modes: dict = dataclasses.field(default_factory=dict)  # task -> "loop" | "vmap" (auto's choice)
+
+  def workloads(self, client: int, epochs: float | Mapping[str, float] | None = None) -> dict[str, int]:
+    out = {}
+    for t in self.cfg.tasks:
+      e = self.cfg.local_epochs if epochs is None else (epochs[t] if isinstance(epochs, Mapping) else epochs)
+      out[t] = workload_steps(len(self.shards[t][client]), get_task(t).batch_size, e)
+    return out
+
+
+def build_federation(cfg: FedConfig) -> Federation:
+  """Loads the tasks' real datasets (never synthetic: accuracy is measured) and partitions them."""
+  datasets = {t: load_dataset(get_task(t).dataset, allow_synthetic=False) for t in cfg.tasks}
+  holders = assign_tasks(cfg.tasks, cfg.num_clients, cfg.presence, cfg.seed)
+  shards = {}
+  for i, t in enumerate(cfg.tasks):
+    clients = holders[t]
+    parts = skewed_partition(datasets[t].y_train, len(clients), alpha=cfg.alpha,
+                             quantity_sigma=cfg.quantity_sigma, seed=cfg.seed + 101 * (i + 1))
+    per_client = [np.zeros(0, np.int64) for _ in range(cfg.num_clients)]
+    for c, idx in zip(clients, parts):
+      per_client[c] = idx
+    if sum(len(p) for p in per_client) == 0:
+      raise ValueError(f"task '{t}' has no data on any client")
+    shards[t] = per_client
+  fleet = (Fleet.from_trace(cfg.trace, cfg.num_clients) if cfg.trace
+           else Fleet.lognormal(cfg.num_clients, cfg.seed, cfg.speed_sigma))
+  model_bytes = {t: 4.0 * sum(np.prod(p.shape) for p in jax.tree.leaves(init_params(get_task(t), 0)))
+                 for t in cfg.tasks}
+  return Federation(cfg, datasets, shards, fleet, model_bytes)
+
+
+# --------------------------------------------------------------------------- client work
+def client_init(task, global_params) -> TrainState:
+  """A client's starting state: the global model and a fresh optimizer state."""
+  return init_state(task, params=global_params)
+
+
+def client_final(global_params, state: TrainState):
+  """What a client sends back: its model delta."""
+  return jax.tree.map(jnp.subtract, state.params, global_params)
+
+
+def client_seed(seed: int, rnd: int, task_index: int, client: int) -> int:
+  return int(np.random.SeedSequence([seed, rnd, task_index, client]).generate_state(1)[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientWork:
+  client: int
+  indices: np.ndarray
+  steps: int
+  seed: int
+  fault: str | None = None
+
+
+_STEP_CACHE: dict = {}
+
+
+def _jitted_step(task):
+  if task not in _STEP_CACHE:
+    _STEP_CACHE[task] = jax.jit(make_train_step(task))
+  return _STEP_CACHE[task]
+
+
+def _vmapped_update(task, num_steps: int):
+  key = (task, "vmap", num_steps)
+  if key not in _STEP_CACHE:
+    step = make_train_step(task)
+
+    def one_client(global_params, images, labels, mask):
+      def body(state, xs):
+        x, y, m = xs
+        new, _ = step(state, {"image": x, "label": y})
+        return jax.tree.map(lambda a, b: jnp.where(m, a, b), new, state), None
+      state, _ = jax.lax.scan(body, client_init(task, global_params), (images, labels, mask))
+      return client_final(global_params, state)
+
+    _STEP_CACHE[key] = jax.jit(jax.vmap(one_client, in_axes=(None, 0, 0, 0)))
+  return _STEP_CACHE[key]
+
+
+def _batch_ids(work: ClientWork, batch_size: int) -> np.ndarray:
+  from mtfl_jax.train import batch_indices
+  return batch_indices(work.indices, batch_size, work.steps, work.seed)
+
+
+def _loop_clients(task, ds, global_params, works):
+  step = _jitted_step(task)
+  out = {}
+  for w in works:
+    try:
+      if w.fault == "raise":
+        raise ClientFailure(f"client {w.client} raised (injected fault)")
+      ids = _batch_ids(w, task.batch_size)
+      state = client_init(task, global_params)
+      for j in range(w.steps):
+        state, _ = step(state, {"image": ds.x_train[ids[j]], "label": ds.y_train[ids[j]]})
+      out[w.client] = client_final(global_params, state)
+    except ClientFailure as e:
+      out[w.client] = e
+  return out
+
+
+def _vmap_clients(task, ds, global_params, works):
+  ok = [w for w in works if w.fault != "raise"]
+  out = {w.client: ClientFailure(f"client {w.client} raised (injected fault)") for w in works if w.fault == "raise"}
+  if not ok:
+    return out
+  wmax = max(w.steps for w in ok)
+  # pad the step count to a multiple of 4 so that few distinct programs are compiled
+  wmax = -(-wmax // 4) * 4
+  ids = np.zeros((len(ok), wmax, task.batch_size), np.int64)
+  mask = np.zeros((len(ok), wmax), bool)
+  for k, w in enumerate(ok):
+    ids[k, :w.steps] = _batch_ids(w, task.batch_size)
+    mask[k, :w.steps] = True
+  deltas = _vmapped_update(task, wmax)(global_params, ds.x_train[ids], ds.y_train[ids], mask)
+  for k, w in enumerate(ok):
+    out[w.client] = jax.tree.map(lambda d: d[k], deltas)
+  return out
+
+
+def run_clients(task, ds, global_params, works: Sequence[ClientWork], mode: str) -> dict:
+  """Runs every client's local update for ``task``; returns client -> delta (or the failure)."""
+  if mode == "loop":
+    return _loop_clients(task, ds, global_params, works)
+  if mode == "vmap":
+    return _vmap_clients(task, ds, global_params, works)
+  raise ValueError(f"unknown simulator mode {mode!r}; valid: loop, vmap")
+
+
+def choose_mode(task, ds, global_params, works) -> str:
+  """Times one steady-state execution of each mode on these clients (each compiled first)."""
+  times = {}
+  for mode in ("loop", "vmap"):
+    jax.block_until_ready(jax.tree.leaves(run_clients(task, ds, global_params, works, mode)))
+    t0 = time.perf_counter()
+    jax.block_until_ready(jax.tree.leaves(run_clients(task, ds, global_params, works, mode)))
+    times[mode] = time.perf_counter() - t0
+  return min(times, key=times.get)
+
+
+# --------------------------------------------------------------------------- server
+def init_server(cfg: FedConfig) -> ServerState:
+  params = {t: init_params(get_task(t), cfg.seed + i) for i, t in enumerate(cfg.tasks)}
+  tx = optax.sgd(cfg.server_lr)
+  return ServerState(round=jnp.zeros((), jnp.int32), params=params,
+                     opt_state={t: tx.init(p) for t, p in params.items()})
+
+
+def aggregate(deltas: Mapping[int, Any], samples: Mapping[int, int], steps: Mapping[int, int] | None = None):
+  """Sample-weighted average of deltas (FedAvg); with ``steps``, FedNova's normalised average
+  ``(sum_c p_c tau_c) * sum_c p_c delta_c / tau_c``."""
+  total = sum(samples[c] for c in deltas)
+  p = {c: samples[c] / total for c in deltas}
+  if steps is None:
+    return jax.tree.map(lambda *ds: sum(p[c] * d for c, d in zip(deltas, ds)), *deltas.values())
+  tau_eff = sum(p[c] * steps[c] for c in deltas)
+  return jax.tree.map(lambda *ds: tau_eff * sum(p[c] * d / steps[c] for c, d in zip(deltas, ds)),
+                      *deltas.values())
+
+
+def plan_round(fed: Federation, model: VRModel, sampled: Sequence[int]) -> dict:
+  """Per sampled client: workloads, compute/transfer/round time under the config's policy."""
+  cfg = fed.cfg
+  plan = {}
+  for c in sampled:
+    wl = fed.workloads(c)
+    tasks = [t for t in cfg.tasks if wl[t] > 0]
+    tx = transfer_time(fed.model_bytes, tasks, fed.fleet.bandwidth[c])
+    comp = client_compute_time(model, wl, "none" if cfg.policy == "none" else "intra", fed.fleet.speed[c])
+    plan[c] = {"workloads": wl, "transfer_s": tx, "compute_s": comp}
+  if cfg.policy == "full":
+    deadline = float(np.quantile([p["compute_s"] + p["transfer_s"] for p in plan.values()], cfg.deadline_quantile))
+    for c, p in plan.items():
+      if p["compute_s"] <= 0:
+        continue
+      scale = min(cfg.max_work_scale, max(0.0, (deadline - p["transfer_s"]) / p["compute_s"]))
+      wl = {t: (max(1, int(round(w * scale))) if w > 0 else 0) for t, w in p["workloads"].items()}
+      p["workloads"] = wl
+      p["compute_s"] = client_compute_time(model, wl, "intra", fed.fleet.speed[c])
+  for p in plan.values():
+    p["time_s"] = p["compute_s"] + p["transfer_s"]
+  return plan
+
+
+def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
+                callback: Callable[[str, int], None] | None = None) -> tuple[ServerState, dict]:
+  """One synchronous round: sample, plan, train every task's clients, aggregate, clock."""
+  cfg = fed.cfg
+  rng = np.random.default_rng([cfg.seed, rnd])
+  sampled = sorted(rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False).tolist())
+  plan = plan_round(fed, model, sampled)
+  faults = {(r, c): k for r, c, k in cfg.faults if r == rnd}
+  failures, dropped = [], set()
+  for c in sampled:
+    if faults.get((rnd, c)) == "timeout" or (cfg.client_timeout_s and plan[c]["time_s"] > cfg.client_timeout_s):
+      dropped.add(c)
+      failures.append({"client": c, "task": "*", "kind": "timeout"})
+  live = [c for c in sampled if c not in dropped]
+  finish = {c: plan[c]["time_s"] for c in live}
+  round_time = max(finish.values(), default=0.0)
+  if dropped:
+    round_time = max(round_time, cfg.client_timeout_s or round_time)
+  new_params, new_opt = dict(state.params), dict(state.opt_state)
+  samples_done = 0
+  tx = optax.sgd(cfg.server_lr)
+  for ti, t in enumerate(cfg.tasks):
+    task, ds = get_task(t), fed.datasets[t]
+    works = [ClientWork(c, fed.shards[t][c], plan[c]["workloads"][t], client_seed(cfg.seed, rnd, ti, c),
+                        faults.get((rnd, c)) if faults.get((rnd, c)) == "raise" else None)
+             for c in live if plan[c]["workloads"][t] > 0]
+    if not works:
+      continue
+    mode = cfg.simulator
+    if mode == "auto":
+      if t not in fed.modes:
+        fed.modes[t] = choose_mode(task, ds, state.params[t], works)
+      mode = fed.modes[t]
+    results = run_clients(task, ds, state.params[t], works, mode)
+    deltas = {}
+    for w in works:
+      r = results[w.client]
+      if isinstance(r, Exception):
+        failures.append({"client": w.client, "task": t, "kind": "raise", "error": str(r)})
+        continue
+      if faults.get((rnd, w.client)) == "nan":
+        r = jax.tree.map(lambda d: d * jnp.nan, r)
+      if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(r)):
+        raise NonFiniteUpdate(f"task '{t}', round {rnd}, client {w.client}: the local update is not "
+                              "finite (NaN/inf loss). Lower the task's learning rate; the run stopped "
+                              "and its last good checkpoint is kept.")
+      deltas[w.client] = r
+      samples_done += w.steps * task.batch_size
+    if not deltas:
+      continue  # every client of this task failed: keep its global model
+    n = {w.client: len(w.indices) for w in works}
+    steps = {w.client: w.steps for w in works} if cfg.policy == "full" else None
+    delta = aggregate(deltas, n, steps)
+    updates, new_opt[t] = tx.update(jax.tree.map(jnp.negative, delta), state.opt_state[t], state.params[t])
+    new_params[t] = optax.apply_updates(state.params[t], updates)
+    if callback:
+      callback("task_done", rnd)
+  diag = {"round": rnd, "sampled": sampled, "round_time_s": round_time,
+          "client_time_s": {str(c): plan[c]["time_s"] for c in sampled},
+          "idle_s": {str(c): round_time - finish[c] for c in live},
+          "samples": samples_done, "failures": failures,
+          "workloads": {str(c): plan[c]["workloads"] for c in sampled}}
+  return ServerState(round=state.round + 1, params=new_params, opt_state=new_opt), diag
+
+
+# --------------------------------------------------------------------------- the run
+@dataclasses.dataclass
+class FedResult:
+  cfg: FedConfig
+  state: ServerState
+  history: list  # one dict per round (diagnostics, virtual time, accuracy when evaluated)
+  wall_s: float
+  modes: dict
+
+  @property
+  def virtual_time_s(self) -> float:
+    return self.history[-1]["virtual_time_s"] if self.history else 0.0
+
+  @property
+  def fl_throughput(self) -> float:
+    """Training samples per virtual second over the run."""
+    return sum(h["samples"] for h in self.history) / max(self.virtual_time_s, 1e-12)
+
+  def final_accuracy(self) -> dict:
+    for h in reversed(self.history):
+      if "accuracy" in h:
+        return h["accuracy"]
+    return {}
+
+
+def _evaluate_all(fed: Federation, state: ServerState) -> dict:
+  out = {}
+  for t in fed.cfg.tasks:
+    ds = fed.datasets[t]
+    m = evaluate(get_task(t), state.params[t], ds.x_test, ds.y_test)
+    out[t] = round(m["miou"] if "miou" in m else m["accuracy"], 6)
+  return out
+
+
+def _manager(workdir: Path):
+  import orbax.checkpoint as ocp
+  opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+  return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=opts)
+
+
+def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | Path | None = None,
+                  progress: bool = True, callback: Callable[[str, int], None] | None = None,
+                  fed: Federation | None = None) -> FedResult:
+  """Runs ``cfg.rounds`` rounds; with ``workdir``, checkpoints every round and resumes.
+
+  ``model`` is the virtual-resource model of the task mix on this machine (by default
+  fitted now from a co-run on the ``processes`` backend: :func:`calibrate_mix`).
+  ``callback(event, round)`` is called with "round_start", "task_done" and "round_end".
+  """
+  import orbax.checkpoint as ocp
+  t_start = time.perf_counter()
+  fed = fed or build_federation(cfg)
+  model = model or calibrate_mix(cfg.tasks)
+  missing = set(cfg.tasks) - set(model.solo_step_s)
+  if missing:
+    raise ValueError(f"the virtual-resource model knows no task {sorted(missing)}; calibrate it on {cfg.tasks}")
+  state, history = init_server(cfg), []
+  mgr = None
+  if workdir is not None:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg_file = workdir / "config.json"
+    if cfg_file.exists() and json.loads(cfg_file.read_text()) != cfg.to_json():
+      raise ValueError(f"{workdir} holds a run with a different config; use another workdir "
+                       "(nothing there was changed)")
+    cfg_file.write_text(json.dumps(cfg.to_json(), indent=1))
+    mgr = _manager(workdir)
+    if mgr.latest_step() is not None:
+      template = jax.tree.map(np.asarray, state)
+      restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(template), history=ocp.args.JsonRestore()))
+      state = jax.tree.map(jnp.asarray, restored.state)
+      history = list(restored.history)
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.rounds, initial=int(state.round), desc=f"FL {cfg.policy}", leave=False)
+  vt = history[-1]["virtual_time_s"] if history else 0.0
+  try:
+    for rnd in range(int(state.round), cfg.rounds):
+      if callback:
+        callback("round_start", rnd)
+      state, diag = apply_round(fed, state, model, rnd, callback)
+      vt += diag["round_time_s"]
+      diag["virtual_time_s"] = vt
+      if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
+        diag["accuracy"] = _evaluate_all(fed, state)
+      history.append(diag)
+      if mgr is not None:
+        mgr.save(rnd + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
+                                                  history=ocp.args.JsonSave(history)))
+        mgr.wait_until_finished()
+      if callback:
+        callback("round_end", rnd)
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(round_s=f"{diag['round_time_s']:.2f}",
+                        **{t[:10]: f"{a:.3f}" for t, a in diag.get("accuracy", {}).items()})
+  finally:
+    if bar is not None:
+      bar.close()
+    if mgr is not None:
+      mgr.close()
+  return FedResult(cfg, state, history, time.perf_counter() - t_start, dict(fed.modes))
+
+
+# --------------------------------------------------------------------------- calibration
+_MIX_MODELS: dict = {}
+
+
+def calibrate_mix(tasks: Sequence[str], backend: str = "processes", solo_work_s: float = 1.0) -> VRModel:
+  """Fits (once per process and task mix) the virtual-resource model used by the clock: one
+  equal-share co-run of the tasks on ``backend``, each with ``solo_work_s`` of solo work."""
+  from mtfl_jax.backends import Job, open_backend
+  from mtfl_jax.bench_cosched import solo_step_times
+  key = (tuple(tasks), backend)
+  if key not in _MIX_MODELS:
+    solo = solo_step_times(tasks)
+    jobs = [Job(t, max(2, int(solo_work_s / solo[t])), seed=i) for i, t in enumerate(tasks)]
+    if len(jobs) == 1:
+      _MIX_MODELS[key] = VRModel(solo, {tasks[0]: 1.0}, {tasks[0]: 1.0})
+    else:
+      with open_backend(backend, jobs) as r:
+        r.run(None)  # warm-up
+        _MIX_MODELS[key] = VRModel.fit(r.solo_step_s, r.run(None))
+  return _MIX_MODELS[key]

@@ -1,0 +1,33 @@
+"""Runs a small federated job in a subprocess (for the kill-and-resume test).
+
+usage: fed_run_script.py WORKDIR OUT.npz [KILL_ROUND]
+With KILL_ROUND, the process SIGKILLs itself after the first task of that round trained.
+"""
+import json
+import os
+import signal
+import sys
+
+import jax
+import numpy as np
+
+from mtfl_jax.federated import FedConfig, run_federated
+from mtfl_jax.vresource import VRModel
+
+CFG = FedConfig(tasks=("digits_mlp", "mnist_lenet"), num_clients=4, clients_per_round=2, rounds=4,
+                local_epochs=0.25, alpha=1.0, simulator="loop", seed=3)
+MODEL = VRModel({"digits_mlp": 2e-4, "mnist_lenet": 4e-3}, {"digits_mlp": 0.4, "mnist_lenet": 0.8}, {})
+
+if __name__ == "__main__":
+  workdir, out = sys.argv[1], sys.argv[2]
+  kill = int(sys.argv[3]) if len(sys.argv) > 3 else None
+
+  def cb(event, rnd):
+    if kill is not None and event == "task_done" and rnd == kill:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  res = run_federated(CFG, MODEL, workdir=workdir if workdir != "-" else None, progress=False, callback=cb)
+  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(res.state.params)}
+  np.savez(out, **flat)
+  with open(out + ".json", "w") as f:
+    json.dump(res.history, f)
