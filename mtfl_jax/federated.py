@@ -225,12 +225,17 @@ def _vmapped_update(task, num_steps: int):
   if key not in _STEP_CACHE:
     step = make_train_step(task)
 
+    def masked(state, x, y, m):
+      new, _ = step(state, {"image": x, "label": y})
+      return jax.tree.map(lambda a, b: jnp.where(m, a, b), new, state)
+
     def one_client(global_params, images, labels, mask):
-      def body(state, xs):
-        x, y, m = xs
-        new, _ = step(state, {"image": x, "label": y})
-        return jax.tree.map(lambda a, b: jnp.where(m, a, b), new, state), None
-      state, _ = jax.lax.scan(body, client_init(task, global_params), (images, labels, mask))
+      state = client_init(task, global_params)
+      if num_steps <= 8:  # short: unrolled (faster on XLA CPU)
+        for i in range(num_steps):
+          state = masked(state, images[i], labels[i], mask[i])
+      else:
+        state, _ = jax.lax.scan(lambda st, xs: (masked(st, *xs), None), state, (images, labels, mask))
       return client_final(global_params, state)
 
     _STEP_CACHE[key] = jax.jit(jax.vmap(one_client, in_axes=(None, 0, 0, 0)))
@@ -242,44 +247,57 @@ def _batch_ids(work: ClientWork, batch_size: int) -> np.ndarray:
   return batch_indices(work.indices, batch_size, work.steps, work.seed)
 
 
-def _loop_clients(task, ds, global_params, works):
+@dataclasses.dataclass
+class ClientResults:
+  """The clients that finished (in order), their deltas stacked on a leading axis, and the
+  failures (client -> error)."""
+  clients: list
+  deltas: Any
+  failures: dict
+
+
+def _injected(w: ClientWork) -> ClientFailure:
+  return ClientFailure(f"client {w.client} raised (injected fault)")
+
+
+def _loop_clients(task, ds, global_params, works) -> ClientResults:
   step = _jitted_step(task)
-  out = {}
+  done, deltas, failures = [], [], {}
   for w in works:
     try:
       if w.fault == "raise":
-        raise ClientFailure(f"client {w.client} raised (injected fault)")
+        raise _injected(w)
       ids = _batch_ids(w, task.batch_size)
       state = client_init(task, global_params)
       for j in range(w.steps):
         state, _ = step(state, {"image": ds.x_train[ids[j]], "label": ds.y_train[ids[j]]})
-      out[w.client] = client_final(global_params, state)
+      deltas.append(client_final(global_params, state))
+      done.append(w.client)
     except ClientFailure as e:
-      out[w.client] = e
-  return out
+      failures[w.client] = e
+  stacked = jax.tree.map(lambda *d: jnp.stack(d), *deltas) if deltas else None
+  return ClientResults(done, stacked, failures)
 
 
-def _vmap_clients(task, ds, global_params, works):
+def _vmap_clients(task, ds, global_params, works) -> ClientResults:
   ok = [w for w in works if w.fault != "raise"]
-  out = {w.client: ClientFailure(f"client {w.client} raised (injected fault)") for w in works if w.fault == "raise"}
+  failures = {w.client: _injected(w) for w in works if w.fault == "raise"}
   if not ok:
-    return out
+    return ClientResults([], None, failures)
   wmax = max(w.steps for w in ok)
-  # pad the step count to a multiple of 4 so that few distinct programs are compiled
-  wmax = -(-wmax // 4) * 4
+  if wmax > 8:  # round up so that few distinct programs are compiled
+    wmax = -(-wmax // 8) * 8
   ids = np.zeros((len(ok), wmax, task.batch_size), np.int64)
   mask = np.zeros((len(ok), wmax), bool)
   for k, w in enumerate(ok):
     ids[k, :w.steps] = _batch_ids(w, task.batch_size)
     mask[k, :w.steps] = True
   deltas = _vmapped_update(task, wmax)(global_params, ds.x_train[ids], ds.y_train[ids], mask)
-  for k, w in enumerate(ok):
-    out[w.client] = jax.tree.map(lambda d: d[k], deltas)
-  return out
+  return ClientResults([w.client for w in ok], deltas, failures)
 
 
-def run_clients(task, ds, global_params, works: Sequence[ClientWork], mode: str) -> dict:
-  """Runs every client's local update for ``task``; returns client -> delta (or the failure)."""
+def run_clients(task, ds, global_params, works: Sequence[ClientWork], mode: str) -> ClientResults:
+  """Runs every client's local update for ``task`` as a per-client loop or one vmap."""
   if mode == "loop":
     return _loop_clients(task, ds, global_params, works)
   if mode == "vmap":
@@ -287,15 +305,33 @@ def run_clients(task, ds, global_params, works: Sequence[ClientWork], mode: str)
   raise ValueError(f"unknown simulator mode {mode!r}; valid: loop, vmap")
 
 
+_MODE_CHOICE: dict = {}
+
+
+def _time_mode(task, ds, params, works, mode) -> float:
+  jax.block_until_ready(run_clients(task, ds, params, works, mode).deltas)  # compile
+  t0 = time.perf_counter()
+  jax.block_until_ready(run_clients(task, ds, params, works, mode).deltas)
+  return time.perf_counter() - t0
+
+
 def choose_mode(task, ds, global_params, works) -> str:
-  """Times one steady-state execution of each mode on these clients (each compiled first)."""
-  times = {}
-  for mode in ("loop", "vmap"):
-    jax.block_until_ready(jax.tree.leaves(run_clients(task, ds, global_params, works, mode)))
-    t0 = time.perf_counter()
-    jax.block_until_ready(jax.tree.leaves(run_clients(task, ds, global_params, works, mode)))
-    times[mode] = time.perf_counter() - t0
-  return min(times, key=times.get)
+  """Loop or vmap for these clients, by measurement (cached per task and client count).
+
+  A probe on two clients and two steps first: where vmap loses even there (convolutions on
+  XLA CPU become slow grouped convolutions), the loop is chosen without compiling the large
+  vmapped program. Otherwise both run on the real clients, each compiled before timing.
+  """
+  key = (task, len(works), jax.default_backend())
+  if key not in _MODE_CHOICE:
+    probe = [dataclasses.replace(w, steps=min(2, w.steps), fault=None) for w in works[:2]]
+    if _time_mode(task, ds, global_params, probe, "vmap") > _time_mode(task, ds, global_params, probe, "loop"):
+      _MODE_CHOICE[key] = "loop"
+    else:
+      full = [dataclasses.replace(w, fault=None) for w in works]
+      times = {m: _time_mode(task, ds, global_params, full, m) for m in ("loop", "vmap")}
+      _MODE_CHOICE[key] = min(times, key=times.get)
+  return _MODE_CHOICE[key]
 
 
 # --------------------------------------------------------------------------- server
@@ -306,16 +342,15 @@ def init_server(cfg: FedConfig) -> ServerState:
                      opt_state={t: tx.init(p) for t, p in params.items()})
 
 
-def aggregate(deltas: Mapping[int, Any], samples: Mapping[int, int], steps: Mapping[int, int] | None = None):
-  """Sample-weighted average of deltas (FedAvg); with ``steps``, FedNova's normalised average
-  ``(sum_c p_c tau_c) * sum_c p_c delta_c / tau_c``."""
-  total = sum(samples[c] for c in deltas)
-  p = {c: samples[c] / total for c in deltas}
-  if steps is None:
-    return jax.tree.map(lambda *ds: sum(p[c] * d for c, d in zip(deltas, ds)), *deltas.values())
-  tau_eff = sum(p[c] * steps[c] for c in deltas)
-  return jax.tree.map(lambda *ds: tau_eff * sum(p[c] * d / steps[c] for c, d in zip(deltas, ds)),
-                      *deltas.values())
+def aggregate(deltas, samples, steps=None):
+  """Sample-weighted average of stacked deltas (leading axis: clients): FedAvg; with
+  ``steps``, FedNova's normalised average ``(sum_c p_c tau_c) * sum_c p_c delta_c / tau_c``."""
+  p = jnp.asarray(samples, jnp.float32)
+  p = p / p.sum()
+  if steps is not None:
+    tau = jnp.asarray(steps, jnp.float32)
+    p = p / tau * jnp.sum(p * tau)
+  return jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), deltas)
 
 
 def plan_round(fed: Federation, model: VRModel, sampled: Sequence[int]) -> dict:
@@ -375,25 +410,27 @@ def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
       if t not in fed.modes:
         fed.modes[t] = choose_mode(task, ds, state.params[t], works)
       mode = fed.modes[t]
-    results = run_clients(task, ds, state.params[t], works, mode)
-    deltas = {}
-    for w in works:
-      r = results[w.client]
-      if isinstance(r, Exception):
-        failures.append({"client": w.client, "task": t, "kind": "raise", "error": str(r)})
-        continue
-      if faults.get((rnd, w.client)) == "nan":
-        r = jax.tree.map(lambda d: d * jnp.nan, r)
-      if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(r)):
-        raise NonFiniteUpdate(f"task '{t}', round {rnd}, client {w.client}: the local update is not "
-                              "finite (NaN/inf loss). Lower the task's learning rate; the run stopped "
-                              "and its last good checkpoint is kept.")
-      deltas[w.client] = r
-      samples_done += w.steps * task.batch_size
-    if not deltas:
+    res = run_clients(task, ds, state.params[t], works, mode)
+    for c, err in res.failures.items():
+      failures.append({"client": c, "task": t, "kind": "raise", "error": str(err)})
+    if not res.clients:
       continue  # every client of this task failed: keep its global model
-    n = {w.client: len(w.indices) for w in works}
-    steps = {w.client: w.steps for w in works} if cfg.policy == "full" else None
+    deltas = res.deltas
+    nan_rows = [k for k, c in enumerate(res.clients) if faults.get((rnd, c)) == "nan"]
+    if nan_rows:
+      deltas = jax.tree.map(lambda d: d.at[np.array(nan_rows)].set(jnp.nan), deltas)
+    finite = np.ones(len(res.clients), bool)
+    for leaf in jax.tree.leaves(deltas):
+      finite &= np.asarray(jnp.all(jnp.isfinite(leaf.reshape(len(res.clients), -1)), axis=1))
+    if not finite.all():
+      bad = res.clients[int(np.flatnonzero(~finite)[0])]
+      raise NonFiniteUpdate(f"task '{t}', round {rnd}, client {bad}: the local update is not "
+                            "finite (NaN/inf loss). Lower the task's learning rate; the run stopped "
+                            "and its last good checkpoint is kept.")
+    by_client = {w.client: w for w in works}
+    samples_done += sum(by_client[c].steps for c in res.clients) * task.batch_size
+    n = [len(by_client[c].indices) for c in res.clients]
+    steps = [by_client[c].steps for c in res.clients] if cfg.policy == "full" else None
     delta = aggregate(deltas, n, steps)
     updates, new_opt[t] = tx.update(jax.tree.map(jnp.negative, delta), state.opt_state[t], state.params[t])
     new_params[t] = optax.apply_updates(state.params[t], updates)

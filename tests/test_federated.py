@@ -19,13 +19,13 @@ MLP_MODEL = VRModel({"digits_mlp": 2e-4}, {"digits_mlp": 1.0}, {})
 
 
 def test_fedavg_by_hand():
-  deltas = {0: {"w": jnp.array([1.0, 2.0])}, 1: {"w": jnp.array([3.0, 4.0])}, 2: {"w": jnp.array([-4.0, 0.0])}}
-  n = {0: 1, 1: 3, 2: 4}
+  deltas = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0], [-4.0, 0.0]])}  # three clients, stacked
+  n = [1, 3, 4]
   # (1*[1,2] + 3*[3,4] + 4*[-4,0]) / 8 = [-6, 14] / 8
   np.testing.assert_allclose(aggregate(deltas, n)["w"], [-0.75, 1.75])
   # FedNova with steps 1, 3, 2: p = [1/8, 3/8, 4/8], tau_eff = (1 + 9 + 8) / 8 = 2.25
   # sum p d / tau = [1/8 + 3/8 - 1, 2/8 + 4/8 + 0] = [-0.5, 0.75]; times 2.25
-  np.testing.assert_allclose(aggregate(deltas, n, {0: 1, 1: 3, 2: 2})["w"], [-1.125, 1.6875])
+  np.testing.assert_allclose(aggregate(deltas, n, [1, 3, 2])["w"], [-1.125, 1.6875])
 
 
 def test_one_client_one_step_is_plain_sgd():
@@ -52,9 +52,10 @@ def test_a_round_is_the_weighted_average_of_client_updates():
   task, ds = mt.get_task("digits_mlp"), fed.datasets["digits_mlp"]
   works = [ClientWork(c, fed.shards["digits_mlp"][c], fed.workloads(c)["digits_mlp"], client_seed(1, 0, 0, c))
            for c in range(3)]
-  deltas = run_clients(task, ds, start, works, "loop")
+  res_ = run_clients(task, ds, start, works, "loop")
+  assert res_.clients == [0, 1, 2]
   n = [len(fed.shards["digits_mlp"][c]) for c in range(3)]
-  expected = jax.tree.map(lambda p, *d: p + 0.5 * sum(ni * di for ni, di in zip(n, d)) / sum(n), start, *deltas.values())
+  expected = jax.tree.map(lambda p, d: p + 0.5 * sum(ni * d[i] for i, ni in enumerate(n)) / sum(n), start, res_.deltas)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), res.state.params["digits_mlp"], expected)
 
 
