@@ -159,3 +159,28 @@ def cosched_table(out: dict) -> str:
                 ", ".join(f"{b} {v:.2f}s" for b, v in s["backends_competitive"].items()))
   rows.append(f"device: {out['device']}")
   return "\n".join(rows)
+
+
+def measure_vr_curves(tasks: Sequence[str], grid: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
+                      backend: str = "processes", solo_work_s: float = 0.6, log=print) -> dict:
+  """Each task's virtual resource against its share (the others at 1.0), measured co-run on
+  ``backend`` and predicted by the model fitted from the equal-share co-run."""
+  solo = solo_step_times(tasks)
+  jobs = [Job(t, max(2, int(solo_work_s / solo[t])), seed=i) for i, t in enumerate(tasks)]
+  from mtfl_jax.vresource import VRModel, measured_rates
+  curves = {}
+  with open_backend(backend, jobs) as r:
+    r.run(None)  # warm-up
+    model = VRModel.fit(r.solo_step_s, r.run(None))
+    for t in tasks:
+      meas, pred = [], []
+      for s in grid:
+        shares = {u: (s if u == t else 1.0) for u in tasks}
+        run = r.run(shares)
+        meas.append(round(measured_rates(run, r.solo_step_s)[t], 4))
+        pred.append(round(model.rates(tasks, shares)[t], 4))
+      curves[t] = {"share": list(grid), "measured": meas, "predicted": pred}
+      log(f"  r({t}) measured {meas} predicted {pred}")
+  err = float(np.mean([abs(m - p) for c in curves.values() for m, p in zip(c["measured"], c["predicted"])]))
+  return {"device": device_name(), "backend": backend, "tasks": list(tasks), "capacity": model.capacity,
+          "demand": model.demand, "curves": curves, "mean_abs_error": round(err, 4)}

@@ -223,8 +223,13 @@ def profile_tasks(tasks: Iterable[str | Task], **kwargs) -> list[TaskProfile]:
   return [profile_task(t, **kwargs) for t in tasks]
 
 
+def profile_dir() -> Path:
+  """``$MTFL_PROFILE_DIR``, else ``data/profiles`` beside the data dir."""
+  return Path(os.environ.get("MTFL_PROFILE_DIR") or default_data_dir().parent / "profiles")
+
+
 def default_profile_path(device: str | None = None) -> Path:
-  return default_data_dir().parent / "profiles" / f"{device_slug(device)}.json"
+  return profile_dir() / f"{device_slug(device)}.json"
 
 
 def save_profiles(profiles: list[TaskProfile], path: str | os.PathLike | None = None) -> Path:

@@ -1,0 +1,170 @@
+"""The six figures, each drawn from its JSON (so recorded runs can be redrawn anywhere)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+POLICY_COLORS = {"sequential": "#888888", "equal": "#e69f00", "partitioned": "#56b4e9",
+                 "competitive": "#009e73", "none": "#888888", "intra": "#56b4e9", "full": "#009e73"}
+
+
+def _title(fig, text: str, note: str | None):
+  fig.suptitle(text + (f"\n{note}" if note else ""), fontsize=10)
+
+
+def fig1_workloads(d: dict, note: str | None = None):
+  """Per-task step time, FLOPs and share of the device peak; per-client workload skew."""
+  prof = d["profiles"]
+  names = [p["task"] for p in prof]
+  fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
+  ax[0].bar(names, [p["step_time_s"] * 1e3 for p in prof], color="#0072b2")
+  ax[0].set_yscale("log")
+  ax[0].set_ylabel("step time (ms, log)")
+  ax[1].bar(names, [p["flops_per_step"] / 1e6 for p in prof], color="#d55e00")
+  ax[1].set_yscale("log")
+  ax[1].set_ylabel("MFLOP per step (log)")
+  ax[2].bar(names, [100 * p["peak_fraction"] for p in prof], color="#009e73")
+  ax[2].set_ylabel("% of measured matmul peak")
+  for a in ax[:3]:
+    a.tick_params(axis="x", rotation=30)
+  w = np.array(d["client_solo_work_s"])  # [clients, tasks]
+  im = ax[3].imshow(w.T, aspect="auto", cmap="viridis")
+  ax[3].set_yticks(range(len(d["partition_tasks"])), d["partition_tasks"])
+  ax[3].set_xlabel("client")
+  ax[3].set_title("solo seconds of local work per round", fontsize=9)
+  fig.colorbar(im, ax=ax[3])
+  _title(fig, f"Fig. 1: workload imbalance ({d['device']})", note)
+  fig.tight_layout()
+  return fig
+
+
+def fig2_sharing(d: dict, note: str | None = None):
+  """Throughput normalised to sequential: per policy on the best backend, per backend."""
+  sc = d["scenarios"]
+  fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+  pols = ["sequential", "equal", "partitioned", "competitive"]
+  x = np.arange(len(sc))
+  for k, p in enumerate(pols):
+    ax[0].bar(x + (k - 1.5) * 0.2, [s["makespan_s"]["sequential"] / s["makespan_s"][p] for s in sc], 0.2,
+              label=p, color=POLICY_COLORS[p])
+  ax[0].axhline(d.get("paper", {}).get("training_speedup", 2.1), ls="--", c="k", lw=1, label="paper: 2.1x")
+  ax[0].set_xticks(x, [f"{s['name']}\n({s['backend']})" for s in sc])
+  ax[0].set_ylabel("throughput / sequential")
+  ax[0].legend(fontsize=8)
+  ax[0].set_title("policies on the fastest backend", fontsize=9)
+  backends = list(sc[0]["backends_competitive"])
+  for k, b in enumerate(backends):
+    ax[1].bar(x + (k - (len(backends) - 1) / 2) * 0.25,
+              [s["makespan_s"]["sequential"] / s["backends_competitive"][b] for s in sc], 0.25, label=b)
+  ax[1].axhline(1.0, c="k", lw=0.8)
+  ax[1].set_xticks(x, [s["name"] for s in sc])
+  ax[1].set_ylabel("competitive throughput / sequential")
+  ax[1].legend(fontsize=8)
+  ax[1].set_title("backends under competitive shares", fontsize=9)
+  _title(fig, f"Fig. 2: sharing strategies ({d['device']})", note)
+  fig.tight_layout()
+  return fig
+
+
+def fig3_vresource(d: dict, note: str | None = None):
+  """Each task's virtual resource against its share, measured co-run and predicted."""
+  curves = d["curves"]
+  fig, ax = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+  for a, (task, c) in zip(ax[0], curves.items()):
+    a.plot(c["share"], c["measured"], "o-", label="measured, co-run")
+    a.plot(c["share"], c["predicted"], "s--", label="model")
+    a.axhline(1.0, c="k", lw=0.8, ls=":", label="solo")
+    a.set_xlabel(f"share of {task} (others at 1.0)")
+    a.set_ylabel("virtual resource r")
+    a.set_ylim(0, 1.15)
+    a.set_title(task, fontsize=9)
+  ax[0][0].legend(fontsize=8)
+  _title(fig, f"Fig. 3: virtual resource vs allocation, mix {'+'.join(curves)}; capacity C = "
+              f"{d['capacity']:.2f} ({d['device']}, backend {d['backend']})", note)
+  fig.tight_layout()
+  return fig
+
+
+def fig4_intra(d: dict, note: str | None = None):
+  """Per-task finish times and makespan: equal vs competitive shares (most imbalanced mix)."""
+  sc = max(d["scenarios"], key=lambda s: max(s["solo_work_s"].values()) / min(s["solo_work_s"].values()))
+  pols = ["sequential", "equal", "partitioned", "competitive"]
+  fig, ax = plt.subplots(figsize=(8, 3.8))
+  tasks = sc["tasks"]
+  for k, p in enumerate(pols):
+    ft = sc["finish_times_s"][p]
+    for j, t in enumerate(tasks):
+      ax.barh(k + (j - (len(tasks) - 1) / 2) * 0.18, ft[t], 0.16, color=plt.cm.tab10(j), label=t if k == 0 else None)
+    ax.plot([sc["makespan_s"][p]] * 2, [k - 0.45, k + 0.45], c="k", lw=2)
+  ax.axvline(sc["predicted_makespan_s"]["competitive"], ls="--", c=POLICY_COLORS["competitive"],
+             label="predicted makespan (competitive)")
+  ax.set_yticks(range(len(pols)), pols)
+  ax.set_xlabel("finish time (s)")
+  ax.legend(fontsize=8, loc="lower right")
+  _title(fig, f"Fig. 4: intra-device scheduling, scenario '{sc['name']}' on {sc['backend']} "
+              f"(competitive {sc['speedup_vs_equal']:.2f}x faster than equal) ({d['device']})", note)
+  fig.tight_layout()
+  return fig
+
+
+def fig5_fl_throughput(d: dict, note: str | None = None):
+  sc = d["scenarios"]
+  fig, ax = plt.subplots(figsize=(8, 3.8))
+  x = np.arange(len(sc))
+  for k, p in enumerate(("none", "intra", "full")):
+    ax.bar(x + (k - 1) * 0.27, [s["fl_throughput"][p] / s["fl_throughput"]["none"] for s in sc], 0.27,
+           label=p, color=POLICY_COLORS[p])
+  lo, hi = d.get("paper", {}).get("fl_throughput_gain", (2.16, 2.38))
+  ax.axhspan(lo, hi, color="k", alpha=0.12, label=f"paper: {lo}-{hi}x")
+  ax.set_xticks(x, [s["name"] for s in sc])
+  ax.set_ylabel("FL throughput / none")
+  ax.legend(fontsize=8)
+  _title(fig, f"Fig. 5: FL throughput (virtual clock) ({d['device']})", note)
+  fig.tight_layout()
+  return fig
+
+
+def fig6_accuracy(d: dict, note: str | None = None):
+  sc = max(d["scenarios"], key=lambda s: len(s["tasks"]))
+  tasks = sc["tasks"]
+  fig, ax = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+  for a, t in zip(ax[0], tasks):
+    for p in ("none", "full"):
+      pts = [(c["virtual_time_s"], c["accuracy"][t]) for c in sc["curves"][p] if t in c.get("accuracy", {})]
+      if pts:
+        a.plot(*zip(*pts), "o-", label=p, color=POLICY_COLORS[p])
+    a.set_xlabel("virtual time (s)")
+    a.set_ylabel("test mIoU" if "unet" in t else "test accuracy")
+    a.set_title(t, fontsize=9)
+  ax[0][0].legend(fontsize=8)
+  _title(fig, f"Fig. 6: accuracy vs virtual time, scenario '{sc['name']}' ({d['device']})", note)
+  fig.tight_layout()
+  return fig
+
+
+FIGURES = {"fig1_workloads": fig1_workloads, "fig2_sharing": fig2_sharing, "fig3_vresource": fig3_vresource,
+           "fig4_intra": fig4_intra, "fig5_fl_throughput": fig5_fl_throughput, "fig6_accuracy": fig6_accuracy}
+
+
+def round_timeline(d: dict, note: str | None = None):
+  """One round's per-client busy time and idle wait (who waits for whom), none vs full."""
+  sc = max(d["scenarios"], key=lambda s: len(s["tasks"]))
+  fig, ax = plt.subplots(1, 2, figsize=(11, 3.6), sharex=True)
+  for a, p in zip(ax, ("none", "full")):
+    tl = sc["timeline"][p]
+    clients = sorted(tl["client_time_s"], key=int)
+    busy = [tl["client_time_s"][c] for c in clients]
+    a.barh(range(len(clients)), busy, color=POLICY_COLORS[p], label="busy")
+    a.barh(range(len(clients)), [max(0.0, tl["round_time_s"] - b) for b in busy], left=busy, color="#dddddd",
+           label="idle (waiting)")
+    a.axvline(tl["round_time_s"], c="k", lw=1)
+    a.set_yticks(range(len(clients)), [f"client {c}" for c in clients])
+    a.set_xlabel("virtual seconds in round 0")
+    a.set_title(p, fontsize=9)
+  ax[0].legend(fontsize=8)
+  _title(fig, f"Round timeline, scenario '{sc['name']}' ({d['device']})", note)
+  fig.tight_layout()
+  return fig

@@ -1,0 +1,73 @@
+"""The quick reproduction on a tiny configuration: every figure has its PNG and JSON, the
+numbers satisfy the bounds each figure must, reruns reuse finished work, recorded runs redraw."""
+import json
+
+import pytest
+
+from mtfl_jax.reproduce import FIGURE_SOURCES, reproduce
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("results")
+  logs = []
+  summary = reproduce(out, mode="tiny", log=logs.append)
+  return out, summary, logs
+
+
+def test_every_figure_has_png_and_json_and_the_report_names_the_device(tiny_run):
+  out, summary, _ = tiny_run
+  for fig in FIGURE_SOURCES:
+    assert (out / f"{fig}.png").stat().st_size > 10_000
+    assert json.loads((out / f"{fig}.json").read_text())["device"] == summary["device"]
+  report = (out / "REPORT.md").read_text()
+  assert summary["device"] in report and "2.1x" in report and "2.16x-2.38x" in report
+  assert json.loads((out / "summary.json").read_text())["rows"][0]["figure"] == "fig1_workloads"
+
+
+def test_figures_satisfy_their_bounds(tiny_run):
+  out, _, _ = tiny_run
+  fig1 = json.loads((out / "fig1_workloads.json").read_text())
+  steps = {p["task"]: p["step_time_s"] for p in fig1["profiles"]}
+  assert steps["mnist_lenet"] > 5 * steps["digits_mlp"]  # the workloads are imbalanced
+  assert all(0 < p["peak_fraction"] < 1 for p in fig1["profiles"])
+  cs = json.loads((out / "fig2_sharing.json").read_text())
+  for s in cs["scenarios"]:
+    # competitive is not slower than sequential (10% allowance for a shared, noisy machine)
+    assert s["makespan_s"]["competitive"] <= 1.10 * s["makespan_s"]["sequential"]
+    assert set(s["makespan_s"]) == {"sequential", "equal", "partitioned", "competitive"}
+    assert s["predicted_makespan_s"]["competitive"] > 0
+  vr = json.loads((out / "fig3_vresource.json").read_text())
+  assert vr["capacity"] > 1.0 and vr["mean_abs_error"] < 0.5
+  for c in vr["curves"].values():
+    assert len(c["measured"]) == len(c["predicted"]) == len(c["share"])
+  fd = json.loads((out / "fig5_fl_throughput.json").read_text())
+  for s in fd["scenarios"]:
+    assert s["fl_throughput"]["full"] >= s["fl_throughput"]["none"]
+    assert s["gain"]["total"] == pytest.approx(s["gain"]["intra"] * s["gain"]["inter"], rel=0.01)
+    for pol in ("none", "intra", "full"):
+      assert all(0.0 <= a <= 1.0 for a in s["accuracy"][pol].values())
+    assert s["accuracy"]["none"] == s["accuracy"]["intra"]  # intra changes the clock, not training
+
+
+def test_rerun_reuses_finished_experiments_and_keeps_them(tiny_run):
+  out, summary, _ = tiny_run
+  before = {p.name: p.read_text() for p in (out / "raw").glob("*.json")}
+  logs = []
+  again = reproduce(out, mode="tiny", log=logs.append)
+  assert sum("reusing" in m for m in logs) == 4
+  assert {p.name: p.read_text() for p in (out / "raw").glob("*.json")} == before
+  assert again["rows"] == summary["rows"]
+  with pytest.raises(FileExistsError, match="nothing was overwritten"):
+    reproduce(out, mode="quick", log=lambda m: None)
+  assert {p.name: p.read_text() for p in (out / "raw").glob("*.json")} == before
+
+
+def test_from_recorded_redraws_without_measuring_and_says_so(tiny_run, tmp_path):
+  out, _, _ = tiny_run
+  summary = reproduce(tmp_path / "redrawn", from_recorded=out, log=lambda m: None)
+  assert summary["recorded_from"] == str(out)
+  assert "Redrawn from recorded data" in (tmp_path / "redrawn" / "REPORT.md").read_text()
+  assert (tmp_path / "redrawn" / "fig6_accuracy.png").exists()
+  with pytest.raises(FileNotFoundError, match="lacks recorded experiment"):
+    reproduce(tmp_path / "x", from_recorded=tmp_path / "empty", log=lambda m: None)
