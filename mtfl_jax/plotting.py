@@ -11,8 +11,8 @@ POLICY_COLORS = {"sequential": "#888888", "equal": "#e69f00", "partitioned": "#5
                  "competitive": "#009e73", "none": "#888888", "intra": "#56b4e9", "full": "#009e73"}
 
 
-def _title(fig, text: str, note: str | None):
-  fig.suptitle(text + (f"\n{note}" if note else ""), fontsize=10)
+def _title(fig, text: str, device: str, note: str | None):
+  fig.suptitle(f"{text}\nmeasured on {device}" + (f"\n{note}" if note else ""), fontsize=10)
 
 
 def fig1_workloads(d: dict, note: str | None = None):
@@ -36,7 +36,7 @@ def fig1_workloads(d: dict, note: str | None = None):
   ax[3].set_xlabel("client")
   ax[3].set_title("solo seconds of local work per round", fontsize=9)
   fig.colorbar(im, ax=ax[3])
-  _title(fig, f"Fig. 1: workload imbalance ({d['device']})", note)
+  _title(fig, f"Fig. 1: workload imbalance", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -64,7 +64,7 @@ def fig2_sharing(d: dict, note: str | None = None):
   ax[1].set_ylabel("competitive throughput / sequential")
   ax[1].legend(fontsize=8)
   ax[1].set_title("backends under competitive shares", fontsize=9)
-  _title(fig, f"Fig. 2: sharing strategies ({d['device']})", note)
+  _title(fig, f"Fig. 2: sharing strategies", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -83,7 +83,7 @@ def fig3_vresource(d: dict, note: str | None = None):
     a.set_title(task, fontsize=9)
   ax[0][0].legend(fontsize=8)
   _title(fig, f"Fig. 3: virtual resource vs allocation, mix {'+'.join(curves)}; capacity C = "
-              f"{d['capacity']:.2f} ({d['device']}, backend {d['backend']})", note)
+              f"{d['capacity']:.2f}, backend {d['backend']}", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -105,7 +105,7 @@ def fig4_intra(d: dict, note: str | None = None):
   ax.set_xlabel("finish time (s)")
   ax.legend(fontsize=8, loc="lower right")
   _title(fig, f"Fig. 4: intra-device scheduling, scenario '{sc['name']}' on {sc['backend']} "
-              f"(competitive {sc['speedup_vs_equal']:.2f}x faster than equal) ({d['device']})", note)
+              f"(competitive {sc['speedup_vs_equal']:.2f}x faster than equal)", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -122,7 +122,7 @@ def fig5_fl_throughput(d: dict, note: str | None = None):
   ax.set_xticks(x, [s["name"] for s in sc])
   ax.set_ylabel("FL throughput / none")
   ax.legend(fontsize=8)
-  _title(fig, f"Fig. 5: FL throughput (virtual clock) ({d['device']})", note)
+  _title(fig, f"Fig. 5: FL throughput (virtual clock)", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -140,7 +140,7 @@ def fig6_accuracy(d: dict, note: str | None = None):
     a.set_ylabel("test mIoU" if "unet" in t else "test accuracy")
     a.set_title(t, fontsize=9)
   ax[0][0].legend(fontsize=8)
-  _title(fig, f"Fig. 6: accuracy vs virtual time, scenario '{sc['name']}' ({d['device']})", note)
+  _title(fig, f"Fig. 6: accuracy vs virtual time, scenario '{sc['name']}'", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -165,6 +165,6 @@ def round_timeline(d: dict, note: str | None = None):
     a.set_xlabel("virtual seconds in round 0")
     a.set_title(p, fontsize=9)
   ax[0].legend(fontsize=8)
-  _title(fig, f"Round timeline, scenario '{sc['name']}' ({d['device']})", note)
+  _title(fig, f"Round timeline, scenario '{sc['name']}'", d['device'], note)
   fig.tight_layout()
   return fig

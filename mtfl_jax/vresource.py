@@ -10,7 +10,8 @@ The model (a demand / weighted water-filling model, fitted from one co-run):
 
 One co-run of all tasks with equal weights measures each ``r_i`` (steps done while all ran,
 times the solo step time, over the window); equal-weight water-filling then gives
-``u_i = 1 / (n * r_i)``. Capacity ``C = sum r_i``; co-running beats sequential when C > 1.
+``u_i = 1 / (n * r_i)`` as a start, refined until the model reproduces every task's finish
+time in that run. Capacity ``C = sum r_i``; co-running beats sequential when C > 1.
 
 Workload-weighted ("competitive") shares make every task finish together: with solo work
 ``T_i = W_i * s_i``, weights ``w_i ∝ T_i * u_i`` give ``r_i ∝ T_i`` and the makespan
@@ -78,12 +79,23 @@ class VRModel:
   fitted_rates: dict[str, float]
 
   @classmethod
-  def fit(cls, solo_step_s: Mapping[str, float], equal_run) -> "VRModel":
-    """From solo step times and one co-run of all tasks under equal shares."""
+  def fit(cls, solo_step_s: Mapping[str, float], equal_run, iterations: int = 60) -> "VRModel":
+    """From solo step times and one co-run of all tasks under equal shares.
+
+    Demands start from the rates while every task ran (``u_i = 1 / (n r_i)``) and are then
+    refined until the model reproduces the whole run: every task's finish time, including
+    the stretch after the first tasks finished (n unknowns, n measurements). A demand above
+    1 means a task slows the others by more than the device time it takes (contention).
+    """
     r = measured_rates(equal_run, solo_step_s)
     n = len(r)
-    r_clip = {k: float(min(1.0, max(v, 1e-3))) for k, v in r.items()}
-    demand = {k: 1.0 / (n * v) for k, v in r_clip.items()}
+    demand = {k: 1.0 / (n * float(min(1.0, max(v, 1e-3)))) for k, v in r.items()}
+    steps = {k: int(len(v)) for k, v in equal_run.step_times_s.items()}
+    finish = equal_run.finish_times_s
+    equal = {k: 1.0 for k in steps}
+    for _ in range(iterations):
+      pred = cls(dict(solo_step_s), demand, r).predict(steps, equal).finish_times_s
+      demand = {k: float(np.clip(demand[k] * (finish[k] / pred[k]) ** 0.5, 1e-3, 4.0)) for k in demand}
     return cls(dict(solo_step_s), demand, r)
 
   @property
