@@ -14,7 +14,8 @@ Example::
     result, plan = mt.run_round(jobs, policy="competitive", backend="processes")
 """
 from mtfl_jax.backends import Job, RunResult, backend_names, open_backend
-from mtfl_jax.cosched import POLICIES, Plan, calibrate, check_memory, make_plan, plan_shares, run_round
+from mtfl_jax.cosched import (POLICIES, Plan, calibrate, check_memory, choose_backend, make_plan, plan_shares,
+                              run_round)
 from mtfl_jax.data import Dataset, DatasetUnavailableError, load_dataset
 from mtfl_jax.partition import assign_tasks, dirichlet_partition, quantity_partition, skewed_partition
 from mtfl_jax.profiling import (TaskProfile, device_name, load_profiles, op_breakdown, profile_task,
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_TASKS", "OFFLINE_TASKS", "POLICIES", "Dataset", "DatasetUnavailableError", "Job", "Plan",
     "RunResult", "Task", "TaskProfile", "TrainState", "VRModel", "assign_tasks", "backend_names",
-    "calibrate", "check_memory", "device_name", "dirichlet_partition", "evaluate", "get_task",
+    "calibrate", "check_memory", "choose_backend", "device_name", "dirichlet_partition", "evaluate", "get_task",
     "get_tasks", "init_state", "load_dataset", "load_profiles", "make_local_update", "make_plan",
     "make_train_step", "op_breakdown", "open_backend", "param_count", "plan_shares",
     "profile_task", "profile_tasks", "quantity_partition", "run_round", "sample_batches",

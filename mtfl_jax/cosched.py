@@ -109,17 +109,34 @@ def check_memory(jobs: Sequence[Job], available: float | None = None) -> float:
 
 
 # --------------------------------------------------------------------------- one call
+def choose_backend(jobs: Sequence[Job], candidates: Sequence[str] = ("processes", "threads", "fused"),
+                   **backend_kwargs) -> tuple[str, dict[str, float]]:
+  """The backend whose competitive plan runs ``jobs`` fastest here, by measurement (each
+  opened, calibrated and run once); returns it and every candidate's makespan."""
+  times = {}
+  for name in candidates:
+    with open_backend(name, jobs, **backend_kwargs.get(name, {})) as runner:
+      runner.run(None)  # warm-up
+      plan = make_plan("competitive", jobs, calibrate(runner), name)
+      times[name] = runner.run(plan.shares).makespan_s
+  return min(times, key=times.get), times
+
+
 def run_round(jobs: Sequence[Job], policy: str = "competitive", backend: str = "processes",
               return_params: bool = False, **backend_kwargs) -> tuple[RunResult, Plan]:
-  """Opens ``backend``, calibrates the model, runs ``jobs`` under ``policy``; returns the
-  measured result and the plan (with its predicted makespan)."""
-  if backend not in backend_names():
-    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(backend_names())}")
+  """Opens ``backend`` (``"auto"``: the fastest by measurement, :func:`choose_backend`),
+  calibrates the model, runs ``jobs`` under ``policy``; returns the measured result and the
+  plan (with its predicted makespan)."""
+  if backend != "auto" and backend not in backend_names():
+    raise ValueError(f"unknown backend {backend!r}; valid backends: auto, {', '.join(backend_names())}")
   if policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
   check_memory(jobs)
-  name = "sequential" if policy == "sequential" else backend
-  with open_backend(name, jobs, **backend_kwargs) as runner:
+  if policy == "sequential":
+    backend = "sequential"
+  elif backend == "auto":
+    backend, _ = choose_backend(jobs)
+  with open_backend(backend, jobs, **backend_kwargs) as runner:
     model = calibrate(runner)
     plan = make_plan(policy, jobs, model, runner.name)
     return runner.run(plan.shares, return_params=return_params), plan

@@ -101,3 +101,11 @@ def test_fit_reproduces_the_whole_equal_run():
   # and it predicts the weighted plan of the true model
   shares = truth.competitive_shares(wl)
   assert fitted.predict(wl, shares).makespan_s == pytest.approx(truth.predict(wl, shares).makespan_s, rel=0.05)
+
+
+def test_auto_backend_is_chosen_by_measurement():
+  jobs = [Job("digits_mlp", 40, seed=0), Job("mnist_lenet", 5, seed=1)]
+  best, times = mt.choose_backend(jobs, candidates=("threads", "fused"))
+  assert set(times) == {"threads", "fused"} and best == min(times, key=times.get)
+  with pytest.raises(ValueError, match="valid backends: auto, fused"):
+    mt.run_round(jobs, backend="gpu")
