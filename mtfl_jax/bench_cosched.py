@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,8 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from mtfl_jax.backends import Job, open_backend
-from mtfl_jax.cosched import calibrate, check_memory, make_plan, workloads_of
+from mtfl_jax.cosched import calibrate, check_memory, make_plan
 from mtfl_jax.profiling import device_name
+from mtfl_jax.results import write_json
 
 PAPER_TRAINING_SPEEDUP = 2.1  # Yu et al. 2022: competitive sharing vs sequential
 
@@ -134,8 +134,7 @@ def bench_cosched(quick: bool = True, scenarios: Sequence[Scenario] = SCENARIOS,
   out["wall_s"] = round(time.perf_counter() - t0, 1)
   log(cosched_table(out))
   if json_path:
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(out, indent=1))
+    write_json(json_path, out)
   return out
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from mtfl_jax.federated import (ClientWork, FedConfig, build_federation, calibrate_mix, choose_mode,
                                 init_server, run_clients, run_federated)
 from mtfl_jax.profiling import default_profile_path, device_name
+from mtfl_jax.results import write_json
 from mtfl_jax.tasks import get_task
 from mtfl_jax.vresource import VRModel
 
@@ -68,8 +69,7 @@ def load_or_calibrate(tasks: Sequence[str], path: str | Path | None = None, log=
   log(f"  calibrating the virtual-resource model of {key} (one co-run on 'processes')")
   model = calibrate_mix(tuple(tasks))
   store["mixes"][key] = dataclasses.asdict(model)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(store, indent=1))
+  write_json(path, store)
   return model, f"measured now, stored in {path.name}"
 
 
@@ -155,8 +155,7 @@ def bench_federated(quick: bool = True, scenarios: Sequence[FedScenario] = SCENA
   out["wall_s"] = round(time.perf_counter() - t0, 1)
   log(federated_table(out))
   if json_path:
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(out, indent=1))
+    write_json(json_path, out)
   return out
 
 

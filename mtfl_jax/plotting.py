@@ -36,7 +36,7 @@ def fig1_workloads(d: dict, note: str | None = None):
   ax[3].set_xlabel("client")
   ax[3].set_title("solo seconds of local work per round", fontsize=9)
   fig.colorbar(im, ax=ax[3])
-  _title(fig, f"Fig. 1: workload imbalance", d['device'], note)
+  _title(fig, "Fig. 1: workload imbalance", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -64,7 +64,7 @@ def fig2_sharing(d: dict, note: str | None = None):
   ax[1].set_ylabel("competitive throughput / sequential")
   ax[1].legend(fontsize=8)
   ax[1].set_title("backends under competitive shares", fontsize=9)
-  _title(fig, f"Fig. 2: sharing strategies", d['device'], note)
+  _title(fig, "Fig. 2: sharing strategies", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -122,7 +122,7 @@ def fig5_fl_throughput(d: dict, note: str | None = None):
   ax.set_xticks(x, [s["name"] for s in sc])
   ax.set_ylabel("FL throughput / none")
   ax.legend(fontsize=8)
-  _title(fig, f"Fig. 5: FL throughput (virtual clock)", d['device'], note)
+  _title(fig, "Fig. 5: FL throughput (virtual clock)", d['device'], note)
   fig.tight_layout()
   return fig
 

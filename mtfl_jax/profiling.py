@@ -24,15 +24,16 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtfl_jax.data import default_data_dir, load_dataset
+from mtfl_jax.results import write_json
 from mtfl_jax.tasks import Task, get_task
-from mtfl_jax.train import init_state, make_train_step, param_count, sample_batches, synthetic_batches
+from mtfl_jax.train import init_state, make_train_step, param_count, sample_batches
 
 
 # --------------------------------------------------------------------------- device
@@ -236,15 +237,11 @@ def save_profiles(profiles: list[TaskProfile], path: str | os.PathLike | None = 
   """Writes profiles as JSON (default ``data/profiles/<device>.json``), merging with what the
   file already holds for other tasks, so no earlier measurement is lost."""
   path = Path(path or default_profile_path(profiles[0].device if profiles else None))
-  path.parent.mkdir(parents=True, exist_ok=True)
   existing = {p.task: p for p in load_profiles(path)} if path.exists() else {}
   existing.update({p.task: p for p in profiles})
   doc = {"device": profiles[0].device if profiles else device_name(),
          "profiles": [p.to_json() for p in existing.values()]}
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(doc, indent=1))
-  tmp.replace(path)
-  return path
+  return write_json(path, doc)
 
 
 def load_profiles(path: str | os.PathLike) -> list[TaskProfile]:

@@ -133,6 +133,14 @@ def make_local_update(task: Task, num_steps: int, mode: str = "auto"):
   return jax.jit(_local_update(make_train_step(task), num_steps, mode))
 
 
+@functools.lru_cache(maxsize=None)
+def has_convolution(task: Task) -> bool:
+  """Whether a train step of ``task`` contains a convolution (read off its jaxpr)."""
+  task = get_task(task)
+  batch = jax.tree.map(lambda b: b[0], synthetic_batches(task, 1))
+  return "conv_general_dilated" in str(jax.make_jaxpr(make_train_step(task))(init_state(task), batch))
+
+
 # --------------------------------------------------------------------------- data feeding
 def batch_indices(indices: np.ndarray, batch_size: int, num_steps: int, seed: int) -> np.ndarray:
   """``[num_steps, batch_size]`` sample ids: epochs of seeded shuffles of ``indices``, so every

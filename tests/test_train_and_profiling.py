@@ -138,3 +138,7 @@ def test_profile_cli_writes_the_documented_json(tmp_path):
   for key in ("task", "step_time_s", "flops_per_step", "bytes_per_step", "peak_fraction", "memory_bytes", "device"):
     assert key in t
   assert main(["profile", "--tasks", "nope"]) == 2
+
+
+def test_has_convolution():
+  assert mt.train.has_convolution("mnist_lenet") and not mt.train.has_convolution("digits_mlp")

@@ -4,12 +4,15 @@ On a GPU each task's part is annotated for its own XLA stream (:mod:`mtfl_jax.st
 XLA can run the tasks' kernels concurrently (competitive sharing inside XLA). XLA CPU runs
 one op at a time per program, so on a CPU this backend shows the cost of fusion, not a gain.
 
-Shares become steps per slice (:func:`slice_schedule`), unrolled up to ``UNROLL_MAX`` steps
-and a ``lax.scan`` beyond; one program is compiled per distinct
+Shares become steps per slice (:func:`slice_schedule`): a task's steps are unrolled, except
+that more than ``UNROLL_MAX`` steps of a task without convolutions become a ``lax.scan``
+(compile time grows with every unrolled step, and XLA CPU runs scanned convolution steps
+4-25x slower than unrolled ones, measured in ``train.choose_local_mode``); one program is compiled per distinct
 row of the schedule (at most a handful) and cached.
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -18,7 +21,7 @@ import numpy as np
 from mtfl_jax import streams
 from mtfl_jax.backends.base import (Clock, Feed, RunResult, Runner, check_shares, fetch_params,
                                     initial_state, measure_solo, register, slice_schedule)
-from mtfl_jax.train import make_train_step
+from mtfl_jax.train import has_convolution, make_train_step
 
 
 # Steps of one task up to which a slice unrolls them (XLA CPU runs unrolled conv steps ~4-25x
@@ -31,16 +34,20 @@ def make_fused_slice(tasks, counts, use_streams: bool):
   on GPU stream i+1 when ``use_streams``. ``batches[i]`` is stacked ``[counts[i], ...]``."""
   steps = [make_train_step(t) for t in tasks]
 
+  def run_task(task, step, k, state, b):
+    if k > UNROLL_MAX and not has_convolution(task):
+      state, _ = jax.lax.scan(step, state, b)
+      return state
+    for s in range(k):
+      state, _ = step(state, jax.tree.map(lambda a: a[s], b))
+    return state
+
   def fused(states, batches):
     out = []
-    for i, (step, k, state, b) in enumerate(zip(steps, counts, states, batches)):
+    for i, (task, step, k, state, b) in enumerate(zip(tasks, steps, counts, states, batches)):
       if k:
-        with streams.on_stream(i + 1 if use_streams else None):
-          if k > UNROLL_MAX:  # a long unrolled program compiles slowly: loop it
-            state, _ = jax.lax.scan(step, state, b)
-          else:
-            for s in range(k):
-              state, _ = step(state, jax.tree.map(lambda a: a[s], b))
+        part = functools.partial(run_task, task, step, k)
+        state = streams.on_stream(part, i + 1 if use_streams else None)(state, b)
       out.append(state)
     return tuple(out)
 
