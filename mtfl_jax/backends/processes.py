@@ -153,14 +153,14 @@ MPS_HELP = ("the 'processes' backend shares a GPU through CUDA MPS, but no MPS c
 class ProcessesRunner(Runner):
   name = "processes"
 
-  def __init__(self, jobs, timeout_s: float = 600.0, platform: str | None = None,
-               use_mps: bool = True, single_threaded: bool = False):
+  def __init__(self, jobs, timeout_s: float = 600.0, start_timeout_s: float = 600.0,
+               platform: str | None = None, use_mps: bool = True):
     super().__init__(jobs)
     import jax
     self.platform = platform or jax.default_backend()
-    self.timeout_s = timeout_s
+    self.timeout_s = timeout_s  # a run or a solo measurement
+    self.start_timeout_s = start_timeout_s  # spawning, importing JAX, compiling
     self.use_mps = use_mps and self.platform == "gpu"
-    self.single_threaded = single_threaded
     if self.use_mps and not mps_daemon_running():
       raise RuntimeError(MPS_HELP)
     self.cores = sorted(os.sched_getaffinity(0))
@@ -183,10 +183,6 @@ class ProcessesRunner(Runner):
     try:
       os.environ["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
       os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-      if self.single_threaded and self.platform == "cpu":
-        # one XLA CPU thread per worker: the OS, not Eigen, spreads tasks over cores
-        os.environ["XLA_FLAGS"] = (saved.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                   " intra_op_parallelism_threads=1").strip()
       for job in self.jobs:
         if self.use_mps:
           os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
@@ -199,8 +195,9 @@ class ProcessesRunner(Runner):
     finally:
       os.environ.clear()
       os.environ.update(saved)
+    deadline = time.perf_counter() + self.start_timeout_s
     for job in self.jobs:
-      self.pids[job.name] = self._recv(job.name, "ready")[2]
+      self.pids[job.name] = self._recv(job.name, "ready", deadline)[2]
     self.mps_shares = dict(shares) if self.use_mps else None
     return time.perf_counter() - t0
 
@@ -214,7 +211,7 @@ class ProcessesRunner(Runner):
     while True:
       left = deadline - time.perf_counter()
       if left <= 0:
-        self._fail(name, f"did not answer '{kind}' within {self.timeout_s:.0f} s (hung?)")
+        self._fail(name, f"did not answer '{kind}' in time (hung?)")
       ready = mpc.wait([conn, proc.sentinel], timeout=min(left, 1.0))
       if conn in ready:
         try:
