@@ -163,6 +163,16 @@ class Runner:
     self.jobs = check_jobs(jobs)
     self.solo_step_s: dict[str, float] = {}
 
+  def prepare_in_process(self) -> None:
+    """For backends that run in this process: the jobs' batch feeds, one jitted train step
+    per task (compiled here), and each task's solo step time."""
+    from mtfl_jax.train import make_train_step
+    t0 = time.perf_counter()
+    self.feeds = {j.name: Feed(j) for j in self.jobs}
+    self.step = {j.name: jax.jit(make_train_step(j.task)) for j in self.jobs}
+    self.solo_step_s = measure_solo(self.step, self.jobs, self.feeds)
+    self.setup_s = time.perf_counter() - t0
+
   def run(self, shares: Mapping[str, float] | None = None, params: Mapping[str, Any] | None = None,
           return_params: bool = False) -> RunResult:
     raise NotImplementedError

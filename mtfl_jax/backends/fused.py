@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from mtfl_jax import streams
-from mtfl_jax.backends.base import (Clock, Feed, RunResult, Runner, check_shares, fetch_params,
-                                    initial_state, measure_solo, register, slice_schedule)
+from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_shares, fetch_params, initial_state,
+                                    register, slice_schedule)
 from mtfl_jax.train import has_convolution, make_train_step
 
 
@@ -60,14 +60,10 @@ class FusedRunner(Runner):
 
   def __init__(self, jobs, slice_s: float = 0.05, use_streams: bool | None = None):
     super().__init__(jobs)
-    t0 = time.perf_counter()
     self.slice_s = slice_s
     self.use_streams = (jax.default_backend() == "gpu") if use_streams is None else use_streams
-    self.feeds = {j.name: Feed(j) for j in self.jobs}
-    single = {j.name: jax.jit(make_train_step(j.task)) for j in self.jobs}
-    self.solo_step_s = measure_solo(single, self.jobs, self.feeds)
+    self.prepare_in_process()  # the single steps serve only to time each task solo
     self.programs: dict[tuple, object] = {}
-    self.setup_s = time.perf_counter() - t0
 
   def program(self, row: tuple[int, ...]):
     if row not in self.programs:

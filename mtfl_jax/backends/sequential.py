@@ -3,14 +3,11 @@ and what per-client loops in FL simulators do). Shares are ignored: each task ha
 device while it runs."""
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 
-from mtfl_jax.backends.base import (Clock, Feed, RunResult, Runner, check_shares, fetch_params,
-                                    initial_state, measure_solo, register, run_steps, sync_every)
-from mtfl_jax.train import make_train_step
+from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_shares, fetch_params, initial_state,
+                                    register, run_steps, sync_every)
 
 
 @register
@@ -19,11 +16,7 @@ class SequentialRunner(Runner):
 
   def __init__(self, jobs):
     super().__init__(jobs)
-    t0 = time.perf_counter()
-    self.feeds = {j.name: Feed(j) for j in self.jobs}
-    self.step = {j.name: jax.jit(make_train_step(j.task)) for j in self.jobs}
-    self.solo_step_s = measure_solo(self.step, self.jobs, self.feeds)
-    self.setup_s = time.perf_counter() - t0
+    self.prepare_in_process()
 
   def run(self, shares=None, params=None, return_params=False) -> RunResult:
     shares = check_shares(self.jobs, shares)

@@ -3,21 +3,17 @@ GIL while a step runs, so the tasks' steps compete for the device (competitive s
 asynchronous dispatch).
 
 Shares become steps per slice (:func:`slice_schedule`): in each slice every unfinished task
-runs its ``k_i`` steps in its own thread, and the slice ends when all have. One slice holding
-every task's whole workload is free-running concurrency.
+runs its ``k_i`` steps in its own thread, and the slice ends when all have.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 
 import jax
 import numpy as np
 
-from mtfl_jax.backends.base import (Clock, Feed, RunResult, Runner, check_shares, fetch_params,
-                                    initial_state, measure_solo, register, run_steps,
-                                    slice_schedule, sync_every)
-from mtfl_jax.train import make_train_step
+from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_shares, fetch_params, initial_state,
+                                    register, run_steps, slice_schedule, sync_every)
 
 
 @register
@@ -26,24 +22,17 @@ class ThreadsRunner(Runner):
 
   def __init__(self, jobs, slice_s: float = 0.05):
     super().__init__(jobs)
-    t0 = time.perf_counter()
     self.slice_s = slice_s
-    self.feeds = {j.name: Feed(j) for j in self.jobs}
-    self.step = {j.name: jax.jit(make_train_step(j.task)) for j in self.jobs}
-    self.solo_step_s = measure_solo(self.step, self.jobs, self.feeds)
+    self.prepare_in_process()
     self.pool = cf.ThreadPoolExecutor(len(self.jobs), thread_name_prefix="mtfl-task")
-    self.setup_s = time.perf_counter() - t0
 
   def _run_part(self, job, state, start, count, clock, stamps):
     return run_steps(self.step[job.name], state, self.feeds[job.name], start, start + count,
                      sync_every(self.solo_step_s[job.name]), clock, stamps)
 
-  def run(self, shares=None, params=None, return_params=False, free_running: bool = False) -> RunResult:
+  def run(self, shares=None, params=None, return_params=False) -> RunResult:
     shares = check_shares(self.jobs, shares)
-    if free_running:
-      schedule = [tuple(int(j.steps) for j in self.jobs)]
-    else:
-      schedule = slice_schedule(self.jobs, shares, self.solo_step_s, self.slice_s)
+    schedule = slice_schedule(self.jobs, shares, self.solo_step_s, self.slice_s)
     states = {j.name: initial_state(j, params) for j in self.jobs}
     jax.block_until_ready(states)
     stamps = {j.name: np.full(j.steps, np.nan) for j in self.jobs}
