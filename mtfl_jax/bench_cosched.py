@@ -2,8 +2,8 @@
 
 Each scenario is a task mix with a given imbalance of solo work ``W_i * s_i`` across its
 tasks. Per scenario: the sequential baseline; every concurrent backend calibrated (one
-equal-share co-run) and run under ``competitive``; then, on the fastest backend, ``equal``
-and ``partitioned`` too. Makespans exclude compilation and worker start-up (reported as
+equal-share co-run) and run under ``competitive`` and ``equal``; then, on the fastest
+backend, ``partitioned`` too. Makespans exclude compilation and worker start-up (reported as
 ``setup_s``). Ratios come from runs made minutes apart on the same machine; ``repeats > 1``
 reruns the sequential and competitive rounds and reports the spread of their ratio.
 
@@ -69,8 +69,7 @@ def run_scenario(sc: Scenario, total_s: float, backends: Sequence[str], repeats:
   check_memory(jobs)
   out = {"name": sc.name, "tasks": list(sc.tasks), "workloads": wl, "solo_step_s": _round(solo, 6),
          "solo_work_s": _round({t: wl[t] * solo[t] for t in sc.tasks}, 3),
-         "makespan_s": {}, "finish_times_s": {}, "predicted_makespan_s": {}, "setup_s": {},
-         "backends_competitive": {}, "shares": {}, "capacity": {}}
+         "setup_s": {}, "backends_competitive": {}, "backends_equal": {}}
   with contextlib.ExitStack() as stack:  # runners stay open: each compiles (or spawns) once
     seq = stack.enter_context(open_backend("sequential", jobs))
     out["setup_s"]["sequential"] = round(seq.setup_s, 2)
@@ -88,7 +87,7 @@ def run_scenario(sc: Scenario, total_s: float, backends: Sequence[str], repeats:
       log(f"  [{sc.name}] {b}: equal {per_backend[b]['equal'].makespan_s:.2f}s, competitive "
           f"{comp.makespan_s:.2f}s (predicted {plan.predicted_makespan_s:.2f}s, C={model.capacity:.2f})")
       out["backends_competitive"][b] = round(comp.makespan_s, 4)
-      out["backends_equal"] = {**out.get("backends_equal", {}), b: round(per_backend[b]["equal"].makespan_s, 4)}
+      out["backends_equal"][b] = round(per_backend[b]["equal"].makespan_s, 4)
       out["setup_s"][b] = round(r.setup_s + comp.setup_s, 2)
     best = min(per_backend, key=lambda b: per_backend[b]["comp"][0].makespan_s)
     pb = per_backend[best]

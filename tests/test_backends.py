@@ -109,7 +109,7 @@ def _children():
 def test_failed_worker_is_named_and_reaped(fault, match):
   jobs = [Job("digits_mlp", 5, fault=fault), Job("mnist_lenet", 3)]
   r = open_backend("processes", jobs, timeout_s=8)
-  pids = list(r.pids.values())
+  pids = [p.pid for p in r.procs.values()]
   t0 = time.perf_counter()
   with pytest.raises(WorkerError, match=f"worker for task 'digits_mlp' {match}"):
     r.run()

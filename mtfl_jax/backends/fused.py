@@ -7,8 +7,8 @@ one op at a time per program, so on a CPU this backend shows the cost of fusion,
 Shares become steps per slice (:func:`slice_schedule`): a task's steps are unrolled, except
 that more than ``UNROLL_MAX`` steps of a task without convolutions become a ``lax.scan``
 (compile time grows with every unrolled step, and XLA CPU runs scanned convolution steps
-4-25x slower than unrolled ones, measured in ``train.choose_local_mode``); one program is compiled per distinct
-row of the schedule (at most a handful) and cached.
+4-25x slower than unrolled ones, measured in ``train.choose_local_mode``). One program is
+compiled ahead of time per distinct row of the schedule (at most a handful) and cached.
 """
 from __future__ import annotations
 
@@ -63,41 +63,37 @@ class FusedRunner(Runner):
     self.slice_s = slice_s
     self.use_streams = (jax.default_backend() == "gpu") if use_streams is None else use_streams
     self.prepare_in_process()  # the single steps serve only to time each task solo
-    self.programs: dict[tuple, object] = {}
-
-  def program(self, row: tuple[int, ...]):
-    if row not in self.programs:
-      self.programs[row] = jax.jit(make_fused_slice([j.task for j in self.jobs], row, self.use_streams))
-    return self.programs[row]
+    self.programs: dict[tuple, object] = {}  # schedule row -> compiled executable
 
   def _inputs(self, row, done):
     return tuple(self.feeds[j.name].batches(done[j.name], done[j.name] + k) if k else {}
                  for j, k in zip(self.jobs, row))
 
   def compile(self, schedule) -> float:
-    """Compiles every program of ``schedule`` ahead of timing; returns the seconds spent."""
+    """Compiles every program of ``schedule`` not compiled yet, ahead of timing (the timed
+    run calls these executables, so nothing compiles inside the makespan); returns the
+    seconds spent."""
     t0 = time.perf_counter()
     states = tuple(initial_state(j, None) for j in self.jobs)
     done = {j.name: 0 for j in self.jobs}
+    tasks = [j.task for j in self.jobs]
     for row in dict.fromkeys(schedule):
-      if row not in self.programs or not hasattr(self.programs[row], "_compiled"):
-        prog = self.program(row)
-        prog.lower(states, self._inputs(row, done)).compile()
-        prog._compiled = True
+      if row not in self.programs:
+        fn = jax.jit(make_fused_slice(tasks, row, self.use_streams))
+        self.programs[row] = fn.lower(states, self._inputs(row, done)).compile()
     return time.perf_counter() - t0
 
   def run(self, shares=None, params=None, return_params=False) -> RunResult:
     shares = check_shares(self.jobs, shares)
     schedule = slice_schedule(self.jobs, shares, self.solo_step_s, self.slice_s)
     setup = self.compile(schedule)
-    # one untimed pass through the compiled programs' first call (dispatch caches)
     states = tuple(initial_state(j, params) for j in self.jobs)
     jax.block_until_ready(states)
     stamps = {j.name: np.full(j.steps, np.nan) for j in self.jobs}
     done = {j.name: 0 for j in self.jobs}
     clock = Clock()
     for row in schedule:
-      states = self.program(row)(states, self._inputs(row, done))
+      states = self.programs[row](states, self._inputs(row, done))
       jax.block_until_ready(states)
       now = clock.now()
       for j, k in zip(self.jobs, row):

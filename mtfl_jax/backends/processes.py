@@ -46,7 +46,7 @@ def _worker_main(conn, job: Job):
     step = jax.jit(make_train_step(job.task))
     state, _ = step(init_state(job.task, job.seed), feed.batch(0))
     jax.block_until_ready(state)
-    conn.send(("ready", time.perf_counter() - t0, os.getpid()))
+    conn.send(("ready", time.perf_counter() - t0))
     while True:
       msg = conn.recv()
       if msg[0] == "stop":
@@ -167,7 +167,6 @@ class ProcessesRunner(Runner):
     self.ctx = mp.get_context("spawn")
     self.procs: dict[str, mp.Process] = {}
     self.conns: dict[str, mpc.Connection] = {}
-    self.pids: dict[str, int] = {}
     self.mps_shares: dict[str, float] | None = None
     self.setup_s = self._start({j.name: 1.0 for j in self.jobs})
     self.solo_step_s = {}
@@ -197,7 +196,7 @@ class ProcessesRunner(Runner):
       os.environ.update(saved)
     deadline = time.perf_counter() + self.start_timeout_s
     for job in self.jobs:
-      self.pids[job.name] = self._recv(job.name, "ready", deadline)[2]
+      self._recv(job.name, "ready", deadline)
     self.mps_shares = dict(shares) if self.use_mps else None
     return time.perf_counter() - t0
 
@@ -232,7 +231,7 @@ class ProcessesRunner(Runner):
         return self._start(shares)
       return 0.0
     for name, (cores, nice) in cpu_placement(shares, self.cores).items():
-      apply_cpu_placement(self.pids[name], cores, nice)
+      apply_cpu_placement(self.procs[name].pid, cores, nice)
     return 0.0
 
   # -- the round
@@ -267,4 +266,3 @@ class ProcessesRunner(Runner):
       self.conns[name].close()
     self.procs.clear()
     self.conns.clear()
-    self.pids.clear()
