@@ -15,6 +15,12 @@ Device heterogeneity, in one place (not tuned to any result):
 * bandwidth ~ lognormal(log(``BANDWIDTH_MEDIAN``), ``BANDWIDTH_SIGMA``) bytes/s, median
   20 Mbit/s, sigma 0.5 (again moderate).
 
+The intra-device part is modelled (:class:`~mtfl_jax.vresource.VRModel`) and checked against
+measurement: :func:`measure_corrections` co-runs a few representative workload mixes
+(:func:`representative_mixes`, bucketed by :func:`mix_key`) under equal and competitive
+shares, and :func:`client_compute_time` scales the model's makespan by measured / predicted
+for clients whose mix was measured (the clock follows the measurement there).
+
 A trace is a JSON list of ``{"speed": x, "bandwidth_bps": y}``, one per client (bits/s).
 """
 from __future__ import annotations
@@ -59,14 +65,112 @@ class Fleet:
     return cls(speed, bw)
 
 
-def client_compute_time(model: VRModel, workloads: Mapping[str, int], policy: str, speed: float) -> float:
-  """Seconds for one client to run its per-task workloads co-scheduled under ``policy``
-  (``none``: equal shares; ``intra``/``full``: virtual-resource-weighted shares)."""
+SHARES = {"none": "equal", "deadline": "equal", "intra": "competitive", "full": "competitive",
+          "equal": "equal", "competitive": "competitive"}
+
+
+def mix_key(workloads: Mapping[str, int], solo_step_s: Mapping[str, float], levels: int = 4) -> str:
+  """The bucket of a workload mix: per task, 0 when absent, else which of ``levels`` equal
+  bins its fraction of the client's solo work ``W_i s_i`` falls in. Clients in one bucket
+  share one measured correction (scaling all of a client's work keeps its bucket)."""
+  work = {t: w * solo_step_s[t] for t, w in workloads.items() if w > 0}
+  total = sum(work.values())
+  parts = [str(0 if t not in work else 1 + min(levels - 1, int(levels * work[t] / total)))
+           for t in sorted(workloads)]
+  return ".".join(f"{t}:{p}" for t, p in zip(sorted(workloads), parts))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixCorrections:
+  """Measured co-runs of representative workload mixes against the model's makespan.
+
+  ``factors[mix_key][shares]`` is measured / predicted makespan (each over its own sequential
+  time ``sum_i W_i s_i``) of that bucket's representative mix under ``"equal"`` or ``"competitive"`` shares; :func:`client_compute_time`
+  multiplies the model's makespan by it, so the clock follows the measurement where one exists
+  and the model elsewhere. ``detail`` holds the measured runs (workloads, seconds) per bucket."""
+  factors: dict
+  backend: str = "threads"
+  detail: dict = dataclasses.field(default_factory=dict)
+
+  def factor(self, workloads: Mapping[str, int], solo_step_s: Mapping[str, float], shares: str) -> float | None:
+    f = self.factors.get(mix_key(workloads, solo_step_s), {})
+    return f.get(shares)
+
+  def to_json(self) -> dict:
+    return {"factors": self.factors, "backend": self.backend, "detail": self.detail}
+
+  @classmethod
+  def from_json(cls, d: Mapping) -> "MixCorrections":
+    return cls(dict(d["factors"]), d.get("backend", "threads"), dict(d.get("detail", {})))
+
+
+def client_compute_time(model: VRModel, workloads: Mapping[str, int], shares: str, speed: float,
+                        corrections: MixCorrections | None = None, with_source: bool = False):
+  """Seconds for one client to run its per-task workloads co-scheduled under ``shares``
+  (``"equal"``, or ``"competitive"``: virtual-resource weighted; policy names map to theirs),
+  divided by its device ``speed``. The model's makespan is multiplied by the measured
+  correction of the client's mix where ``corrections`` has one; ``with_source`` also returns
+  whether it did (True: measured, False: modelled)."""
+  shares = SHARES[shares]
   wl = {t: w for t, w in workloads.items() if w > 0}
   if not wl:
-    return 0.0
-  shares = {t: 1.0 for t in wl} if policy == "none" else model.competitive_shares(wl)
-  return model.predict(wl, shares).makespan_s / speed
+    return (0.0, False) if with_source else 0.0
+  alloc = {t: 1.0 for t in wl} if shares == "equal" else model.competitive_shares(wl)
+  t = model.predict(wl, alloc).makespan_s / speed
+  f = corrections.factor(workloads, model.solo_step_s, shares) if corrections is not None and len(wl) > 1 else None
+  if f is not None:
+    t *= f
+  return (t, f is not None) if with_source else t
+
+
+def representative_mixes(workload_vectors, solo_step_s: Mapping[str, float], total_s: float = 0.6,
+                         max_mixes: int = 4) -> dict[str, dict[str, int]]:
+  """The ``max_mixes`` most frequent buckets (:func:`mix_key`) of multi-task clients among
+  ``workload_vectors``, each as the bucket's mean solo-work fractions scaled to ``total_s``
+  seconds of solo work (at least 2 steps per task present)."""
+  groups: dict = {}
+  for wl in workload_vectors:
+    if sum(1 for w in wl.values() if w > 0) < 2:
+      continue  # a single task has nothing to share the device with
+    work = {t: w * solo_step_s[t] for t, w in wl.items()}
+    total = sum(work.values())
+    groups.setdefault(mix_key(wl, solo_step_s), []).append({t: v / total for t, v in work.items()})
+  top = sorted(groups, key=lambda k: (-len(groups[k]), k))[:max_mixes]
+  out = {}
+  for k in top:
+    frac = {t: float(np.mean([g[t] for g in groups[k]])) for t in groups[k][0]}
+    out[k] = {t: (max(2, int(round(f * total_s / solo_step_s[t]))) if f > 0 else 0) for t, f in frac.items()}
+  return out
+
+
+def measure_corrections(model: VRModel, mixes: Mapping[str, Mapping[str, int]], backend: str = "threads",
+                        log=print) -> MixCorrections:
+  """Runs each mix on ``backend`` under equal and competitive shares (after one warm-up run)
+  and compares the measured makespans with the model's prediction for the same workloads."""
+  from mtfl_jax.backends import Job, open_backend
+  factors, detail = {}, {}
+  for key, wl in mixes.items():
+    wl = {t: int(w) for t, w in wl.items() if w > 0}
+    jobs = [Job(t, w, seed=i) for i, (t, w) in enumerate(sorted(wl.items()))]
+    alloc = {"equal": {t: 1.0 for t in wl}, "competitive": model.competitive_shares(wl)}
+    with open_backend(backend, jobs) as r:
+      r.run(alloc["equal"])  # warm-up: first calls fill dispatch caches
+      meas = {k: r.run(a).makespan_s for k, a in alloc.items()}
+      solo_meas = sum(w * r.solo_step_s[t] for t, w in wl.items())
+    pred = {k: model.predict(wl, a).makespan_s for k, a in alloc.items()}
+    solo_pred = sum(w * model.solo_step_s[t] for t, w in wl.items())
+    # Compared relative to each side's own sequential time: the correction is the sharing
+    # efficiency the model got wrong, not a drift of the solo step times since calibration.
+    factors[key] = {k: round((meas[k] / solo_meas) / (pred[k] / solo_pred), 4) for k in alloc}
+    detail[key] = {"workloads": wl, "measured_makespan_s": {k: round(v, 4) for k, v in meas.items()},
+                   "predicted_makespan_s": {k: round(v, 4) for k, v in pred.items()},
+                   "sequential_s": {"measured": round(solo_meas, 4), "predicted": round(solo_pred, 4)},
+                   "model_error": {k: round(1 / factors[key][k] - 1, 4) for k in alloc},
+                   "competitive_vs_equal_measured": round(meas["equal"] / meas["competitive"], 4),
+                   "competitive_vs_equal_predicted": round(pred["equal"] / pred["competitive"], 4)}
+    log(f"    mix {key}: measured equal/competitive {meas['equal']:.3f}/{meas['competitive']:.3f}s, "
+        f"model {pred['equal']:.3f}/{pred['competitive']:.3f}s")
+  return MixCorrections(factors, backend, detail)
 
 
 def transfer_time(model_bytes: Mapping[str, float], tasks, bandwidth: float) -> float:

@@ -12,19 +12,33 @@ step) and :func:`client_final`. :func:`run_clients` runs them as a per-client lo
 ``jax.vmap`` over the clients of a task (masked steps for clients with less work), and
 ``simulator="auto"`` picks whichever measures faster for each task.
 
-Policies (what a round's plan is):
+Policies (what a round's plan is) are values in :data:`POLICIES` (:class:`FedPolicy`), which
+:func:`plan_round` consults; add one by adding an entry:
 
 * ``none``: equal shares on every client's device, fixed local epochs;
 * ``intra``: virtual-resource-weighted shares on each client (same training as ``none``:
   only the clock changes);
+* ``deadline``: the straggler mitigation of deployed FL: equal shares, fixed local epochs,
+  and the clients that miss the round deadline (the ``deadline_quantile`` of the sampled
+  clients' ``none`` round times, ``np.quantile`` with linear interpolation) are dropped: their
+  work neither counts nor enters the aggregate, and the round lasts until the deadline;
 * ``full``: ``intra`` plus inter-device coordination. The server sets a round deadline, the
   ``deadline_quantile`` of the sampled clients' ``intra`` round times, and every client
   scales its local work to finish by it (slow clients do fewer steps, fast ones more, at
   most ``max_work_scale`` times their epochs; at least one step per task). Unequal local
-  steps would bias plain FedAvg towards clients that step more (objective inconsistency,
-  Wang et al. 2020), so ``full`` aggregates with FedNova's normalisation: each delta is
-  divided by its step count, weighted by samples, and rescaled by the weighted mean step
-  count. The weights stay the clients' sample shares: no client counts more for being fast.
+  work would bias plain FedAvg towards clients that step more (objective inconsistency,
+  Wang et al. 2020), so ``full`` aggregates with FedNova: each delta is divided by the l1
+  norm of its client's accumulation vector (:func:`accumulation_norm`; the step count for
+  plain SGD, larger for momentum SGD), weighted by samples, and rescaled by the weighted
+  mean norm. The weights stay the clients' sample shares: no client counts more for being
+  fast.
+
+FL throughput is training *work* per virtual second: a local step of task i counts the
+task's solo step time ``s_i`` on this machine (``VRModel.solo_step_s``), so a U-Net step is
+worth ~800 MLP steps; each history row records the round's ``work_s`` (solo-seconds of work
+done by the clients whose updates were aggregated) and ``samples``. With
+``FedConfig.time_budget_s`` a run stops before the first round that would end past the
+budget (``rounds`` is then a cap), so policies can be compared at equal virtual time.
 
 Reliability: a checkpoint (orbax) after every round holds the server state, the round index
 and the history; a rerun with the same config and workdir resumes from it and ends with the
@@ -45,6 +59,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,7 +76,6 @@ from mtfl_jax.tasks import ALL_TASKS, get_task
 from mtfl_jax.train import TrainState, evaluate, init_params, init_state, make_train_step, workload_steps
 from mtfl_jax.vresource import VRModel
 
-FED_POLICIES = ("none", "intra", "full")
 SIMULATORS = ("auto", "loop", "vmap")
 FAULTS = ("raise", "timeout", "nan")
 
@@ -95,11 +109,17 @@ class FedConfig:
   trace: str | None = None
   client_timeout_s: float | None = None  # virtual seconds; slower clients are dropped
   faults: tuple = ()  # for testing: ((round, client, "raise" | "timeout" | "nan"), ...)
+  # Virtual seconds: the run stops before the first round that would end past it (``rounds``
+  # is then a cap); None: run ``rounds`` rounds.
+  time_budget_s: float | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "tasks", tuple(self.tasks))
     object.__setattr__(self, "faults", tuple(tuple(f) for f in self.faults))
     check_config(self)
+    if self.time_budget_s is not None and not (math.isfinite(self.time_budget_s) and self.time_budget_s > 0):
+      raise ValueError(f"bad federated config: time_budget_s must be a finite number > 0 (or None), "
+                       f"got {self.time_budget_s!r}")
 
   def to_json(self) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -342,61 +362,156 @@ def init_server(cfg: FedConfig) -> ServerState:
                      opt_state={t: tx.init(p) for t, p in params.items()})
 
 
-def aggregate(deltas, samples, steps=None):
+def accumulation_norm(steps: int, momentum: float = 0.0) -> float:
+  """l1 norm of a client's accumulation vector ``a`` (Wang et al. 2020, FedNova): its update
+  after ``steps`` local steps is ``-lr * sum_k a_k g_k``. Plain SGD: ``a_k = 1``, the norm is
+  ``steps``. Heavy-ball momentum ``rho`` (optax.sgd: ``v = rho v + g; x -= lr v``): gradient k
+  is applied ``sum_{j<steps-k} rho^j`` times, so the norm is
+  ``[steps - rho (1 - rho^steps) / (1 - rho)] / (1 - rho)``."""
+  tau, rho = float(steps), float(momentum or 0.0)
+  if rho == 0.0:
+    return tau
+  return (tau - rho * (1.0 - rho ** tau) / (1.0 - rho)) / (1.0 - rho)
+
+
+_WARNED_NORM: set = set()
+
+
+def fednova_norm_kind(task) -> tuple[float | None, str]:
+  """The momentum FedNova normalises with for ``task`` and a note for the history.
+
+  ``task.momentum`` is a float for (momentum) SGD; None means the client optimizer is not
+  SGD, for which no closed-form accumulation vector is known here: the step count is used
+  (a warning, once per task) and the history says so."""
+  rho = getattr(task, "momentum", None)
+  if rho is None:
+    name = getattr(task, "name", str(task))
+    if name not in _WARNED_NORM:
+      _WARNED_NORM.add(name)
+      warnings.warn(f"task '{name}': client optimizer is not (momentum) SGD; FedNova falls back to "
+                    "normalising by step counts", stacklevel=2)
+    return None, "steps (client optimizer not SGD: fallback)"
+  return float(rho), f"accumulation norm, momentum {float(rho):g}" if rho else "steps (plain SGD)"
+
+
+def aggregate(deltas, samples, norms=None):
   """Sample-weighted average of stacked deltas (leading axis: clients): FedAvg; with
-  ``steps``, FedNova's normalised average ``(sum_c p_c tau_c) * sum_c p_c delta_c / tau_c``."""
+  ``norms`` (each client's :func:`accumulation_norm`), FedNova's normalised average
+  ``(sum_c p_c norm_c) * sum_c p_c delta_c / norm_c``."""
   p = jnp.asarray(samples, jnp.float32)
   p = p / p.sum()
-  if steps is not None:
-    tau = jnp.asarray(steps, jnp.float32)
-    p = p / tau * jnp.sum(p * tau)
+  if norms is not None:
+    a = jnp.asarray(norms, jnp.float32)
+    p = p / a * jnp.sum(p * a)
   return jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), deltas)
 
 
-def plan_round(fed: Federation, model: VRModel, sampled: Sequence[int]) -> dict:
-  """Per sampled client: workloads, compute/transfer/round time under the config's policy."""
+# --------------------------------------------------------------------------- policies
+def _client_times(plan: dict) -> list:
+  return [p["compute_s"] + p["transfer_s"] for p in plan.values()]
+
+
+def drop_late_clients(fed: Federation, model: VRModel, plan: dict, clock) -> float:
+  """``deadline``: clients whose round time exceeds the ``deadline_quantile`` of the sampled
+  clients' round times are dropped; the round lasts until the deadline."""
+  deadline = float(np.quantile(_client_times(plan), fed.cfg.deadline_quantile))
+  for p in plan.values():
+    if p["compute_s"] + p["transfer_s"] > deadline:
+      p["dropped"] = True
+  return deadline
+
+
+def scale_work_to_deadline(fed: Federation, model: VRModel, plan: dict, clock) -> None:
+  """``full``: every client scales its local work to finish by the ``deadline_quantile`` of
+  the sampled clients' round times (at most ``max_work_scale`` times its epochs, at least one
+  step per task it holds); the round lasts until the last client finishes."""
   cfg = fed.cfg
+  deadline = float(np.quantile(_client_times(plan), cfg.deadline_quantile))
+  for c, p in plan.items():
+    if p["compute_s"] <= 0:
+      continue
+    scale = min(cfg.max_work_scale, max(0.0, (deadline - p["transfer_s"]) / p["compute_s"]))
+    p["workloads"] = {t: (max(1, int(round(w * scale))) if w > 0 else 0) for t, w in p["workloads"].items()}
+    p["compute_s"], p["measured"] = clock(p["workloads"], c)
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FedPolicy:
+  """How a round is planned: the shares each client's device uses (``"equal"`` or
+  ``"competitive"``, i.e. virtual-resource weighted), an optional coordination step
+  ``coordinate(fed, model, plan, clock) -> round deadline | None`` that may change workloads
+  (``clock(workloads, client)`` re-times a client) or mark clients ``dropped``, and whether
+  the aggregate is FedNova-normalised (needed when local work differs across clients)."""
+  name: str
+  shares: str
+  coordinate: Callable | None = None
+  fednova: bool = False
+
+
+POLICIES: dict[str, FedPolicy] = {p.name: p for p in (
+    FedPolicy("none", "equal"),
+    FedPolicy("intra", "competitive"),
+    FedPolicy("deadline", "equal", drop_late_clients),
+    FedPolicy("full", "competitive", scale_work_to_deadline, fednova=True),
+)}
+FED_POLICIES = POLICIES.keys()  # a live view: policies added to POLICIES are valid names
+
+
+def plan_round(fed: Federation, model: VRModel, sampled: Sequence[int], corrections=None) -> tuple[dict, float | None]:
+  """Per sampled client: workloads, compute/transfer/round time under the config's policy,
+  whether the compute time is corrected by a measured co-run (``measured``) and whether the
+  client is ``dropped``; and the round deadline the policy set (None: none set)."""
+  cfg = fed.cfg
+  policy = POLICIES[cfg.policy]
+
+  def clock(wl, c):
+    return client_compute_time(model, wl, policy.shares, fed.fleet.speed[c], corrections, with_source=True)
+
   plan = {}
   for c in sampled:
     wl = fed.workloads(c)
     tasks = [t for t in cfg.tasks if wl[t] > 0]
-    tx = transfer_time(fed.model_bytes, tasks, fed.fleet.bandwidth[c])
-    comp = client_compute_time(model, wl, "none" if cfg.policy == "none" else "intra", fed.fleet.speed[c])
-    plan[c] = {"workloads": wl, "transfer_s": tx, "compute_s": comp}
-  if cfg.policy == "full":
-    deadline = float(np.quantile([p["compute_s"] + p["transfer_s"] for p in plan.values()], cfg.deadline_quantile))
-    for c, p in plan.items():
-      if p["compute_s"] <= 0:
-        continue
-      scale = min(cfg.max_work_scale, max(0.0, (deadline - p["transfer_s"]) / p["compute_s"]))
-      wl = {t: (max(1, int(round(w * scale))) if w > 0 else 0) for t, w in p["workloads"].items()}
-      p["workloads"] = wl
-      p["compute_s"] = client_compute_time(model, wl, "intra", fed.fleet.speed[c])
+    comp, measured = clock(wl, c)
+    plan[c] = {"workloads": wl, "transfer_s": transfer_time(fed.model_bytes, tasks, fed.fleet.bandwidth[c]),
+               "compute_s": comp, "measured": measured, "dropped": False}
+  deadline = policy.coordinate(fed, model, plan, clock) if policy.coordinate else None
   for p in plan.values():
     p["time_s"] = p["compute_s"] + p["transfer_s"]
-  return plan
+  return plan, deadline
 
 
 def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
-                callback: Callable[[str, int], None] | None = None) -> tuple[ServerState, dict]:
-  """One synchronous round: sample, plan, train every task's clients, aggregate, clock."""
+                callback: Callable[[str, int], None] | None = None, corrections=None,
+                time_left_s: float | None = None) -> tuple[ServerState, dict | None]:
+  """One synchronous round: sample, plan, train every task's clients, aggregate, clock.
+
+  With ``time_left_s``, a round that would last longer is not run: returns ``(state, None)``."""
   cfg = fed.cfg
+  policy = POLICIES[cfg.policy]
   rng = np.random.default_rng([cfg.seed, rnd])
   sampled = sorted(rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False).tolist())
-  plan = plan_round(fed, model, sampled)
+  plan, deadline = plan_round(fed, model, sampled, corrections)
   faults = {(r, c): k for r, c, k in cfg.faults if r == rnd}
   failures, dropped = [], set()
   for c in sampled:
-    if faults.get((rnd, c)) == "timeout" or (cfg.client_timeout_s and plan[c]["time_s"] > cfg.client_timeout_s):
+    if plan[c]["dropped"]:
+      dropped.add(c)
+      failures.append({"client": c, "task": "*", "kind": "missed deadline"})
+    elif faults.get((rnd, c)) == "timeout" or (cfg.client_timeout_s and plan[c]["time_s"] > cfg.client_timeout_s):
       dropped.add(c)
       failures.append({"client": c, "task": "*", "kind": "timeout"})
   live = [c for c in sampled if c not in dropped]
   finish = {c: plan[c]["time_s"] for c in live}
   round_time = max(finish.values(), default=0.0)
-  if dropped:
-    round_time = max(round_time, cfg.client_timeout_s or round_time)
+  if deadline is not None and any(plan[c]["dropped"] for c in sampled):
+    round_time = max(round_time, deadline)  # the server waits until the deadline
+  if dropped and cfg.client_timeout_s:
+    round_time = max(round_time, cfg.client_timeout_s)
+  if time_left_s is not None and round_time > time_left_s:
+    return state, None
   new_params, new_opt = dict(state.params), dict(state.opt_state)
-  samples_done = 0
+  samples_done, work_by_task, norm_kind = 0, {}, {}
   tx = optax.sgd(cfg.server_lr)
   for ti, t in enumerate(cfg.tasks):
     task, ds = get_task(t), fed.datasets[t]
@@ -428,19 +543,27 @@ def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
                             "finite (NaN/inf loss). Lower the task's learning rate; the run stopped "
                             "and its last good checkpoint is kept.")
     by_client = {w.client: w for w in works}
-    samples_done += sum(by_client[c].steps for c in res.clients) * task.batch_size
+    steps_done = sum(by_client[c].steps for c in res.clients)
+    samples_done += steps_done * task.batch_size
+    work_by_task[t] = steps_done * float(model.solo_step_s[t])
     n = [len(by_client[c].indices) for c in res.clients]
-    steps = [by_client[c].steps for c in res.clients] if cfg.policy == "full" else None
-    delta = aggregate(deltas, n, steps)
+    norms = None
+    if policy.fednova:
+      rho, norm_kind[t] = fednova_norm_kind(task)
+      norms = [accumulation_norm(by_client[c].steps, rho or 0.0) for c in res.clients]
+    delta = aggregate(deltas, n, norms)
     updates, new_opt[t] = tx.update(jax.tree.map(jnp.negative, delta), state.opt_state[t], state.params[t])
     new_params[t] = optax.apply_updates(state.params[t], updates)
     if callback:
       callback("task_done", rnd)
-  diag = {"round": rnd, "sampled": sampled, "round_time_s": round_time,
+  diag = {"round": rnd, "sampled": sampled, "round_time_s": round_time, "deadline_s": deadline,
           "client_time_s": {str(c): plan[c]["time_s"] for c in sampled},
           "idle_s": {str(c): round_time - finish[c] for c in live},
-          "samples": samples_done, "failures": failures,
-          "workloads": {str(c): plan[c]["workloads"] for c in sampled}}
+          "samples": samples_done, "work_s": sum(work_by_task.values()), "work_by_task_s": work_by_task,
+          "clock_measured": {str(c): plan[c]["measured"] for c in sampled},
+          "failures": failures, "workloads": {str(c): plan[c]["workloads"] for c in sampled}}
+  if norm_kind:
+    diag["fednova_norm"] = norm_kind
   return ServerState(round=state.round + 1, params=new_params, opt_state=new_opt), diag
 
 
@@ -458,8 +581,19 @@ class FedResult:
     return self.history[-1]["virtual_time_s"] if self.history else 0.0
 
   @property
+  def work_s(self) -> float:
+    """Training work done: local steps weighted by their task's solo step time ``s_i``
+    (``VRModel.solo_step_s``), summed over tasks and aggregated clients."""
+    return sum(h["work_s"] for h in self.history)
+
+  @property
   def fl_throughput(self) -> float:
-    """Training samples per virtual second over the run."""
+    """FL throughput: training work (solo-seconds, :attr:`work_s`) per virtual second."""
+    return self.work_s / max(self.virtual_time_s, 1e-12)
+
+  @property
+  def samples_per_s(self) -> float:
+    """Training samples per virtual second (every task's sample counts the same)."""
     return sum(h["samples"] for h in self.history) / max(self.virtual_time_s, 1e-12)
 
   def final_accuracy(self) -> dict:
@@ -486,11 +620,14 @@ def _manager(workdir: Path):
 
 def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | Path | None = None,
                   progress: bool = True, callback: Callable[[str, int], None] | None = None,
-                  fed: Federation | None = None) -> FedResult:
-  """Runs ``cfg.rounds`` rounds; with ``workdir``, checkpoints every round and resumes.
+                  fed: Federation | None = None, corrections=None) -> FedResult:
+  """Runs ``cfg.rounds`` rounds (with ``cfg.time_budget_s``: until the next round would end
+  past the budget, at most ``cfg.rounds``); with ``workdir``, checkpoints every round and resumes.
 
   ``model`` is the virtual-resource model of the task mix on this machine (by default
   fitted now from a co-run on the ``processes`` backend: :func:`calibrate_mix`).
+  ``corrections`` (:class:`mtfl_jax.clock.MixCorrections`) replace the model's makespan by
+  measured co-runs of the clients' workload mixes where they were measured.
   ``callback(event, round)`` is called with "round_start", "task_done" and "round_end".
   """
   import orbax.checkpoint as ocp
@@ -526,7 +663,12 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
     for rnd in range(int(state.round), cfg.rounds):
       if callback:
         callback("round_start", rnd)
-      state, diag = apply_round(fed, state, model, rnd, callback)
+      left = None if cfg.time_budget_s is None else cfg.time_budget_s - vt
+      state, diag = apply_round(fed, state, model, rnd, callback, corrections, left)
+      if diag is None:  # the next round would end past the time budget
+        if history and "accuracy" not in history[-1]:
+          history[-1]["accuracy"] = _evaluate_all(fed, state)
+        break
       vt += diag["round_time_s"]
       diag["virtual_time_s"] = vt
       if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
