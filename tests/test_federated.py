@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 import mtfl_jax as mt
-from mtfl_jax.federated import (ClientWork, FedConfig, NonFiniteUpdate, aggregate, build_federation,
-                                client_seed, init_server, run_clients, run_federated)
+import optax
+
+from mtfl_jax.clock import MixCorrections, client_compute_time, mix_key
+from mtfl_jax.federated import (POLICIES, ClientWork, FedConfig, NonFiniteUpdate, accumulation_norm, aggregate,
+                                build_federation, client_seed, fednova_norm_kind, init_server, plan_round,
+                                run_clients, run_federated)
 from mtfl_jax.train import batch_indices
 from mtfl_jax.vresource import VRModel
 
@@ -22,9 +26,62 @@ def test_fedavg_by_hand():
   n = [1, 3, 4]
   # (1*[1,2] + 3*[3,4] + 4*[-4,0]) / 8 = [-6, 14] / 8
   np.testing.assert_allclose(aggregate(deltas, n)["w"], [-0.75, 1.75])
-  # FedNova with steps 1, 3, 2: p = [1/8, 3/8, 4/8], tau_eff = (1 + 9 + 8) / 8 = 2.25
-  # sum p d / tau = [1/8 + 3/8 - 1, 2/8 + 4/8 + 0] = [-0.5, 0.75]; times 2.25
-  np.testing.assert_allclose(aggregate(deltas, n, [1, 3, 2])["w"], [-1.125, 1.6875])
+
+
+def _momentum_sgd_delta(g, lr, rho, steps):
+  """Client update of heavy-ball SGD (optax.sgd's rule) on the linear loss g.x, by a loop."""
+  x, v = np.zeros_like(g), np.zeros_like(g)
+  for _ in range(steps):
+    v = rho * v + g
+    x = x - lr * v
+  return x
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_accumulation_norm_is_what_the_client_optimizer_accumulates(rho):
+  # a constant unit gradient for tau steps moves x by -lr * ||a||_1: measured with optax itself
+  for tau in (1, 2, 7, 36):
+    tx = optax.sgd(0.1, momentum=rho or None)
+    x = jnp.zeros(())
+    st = tx.init(x)
+    for _ in range(tau):
+      u, st = tx.update(jnp.ones(()), st, x)
+      x = optax.apply_updates(x, u)
+    assert accumulation_norm(tau, rho) == pytest.approx(-float(x) / 0.1, rel=1e-5)
+  # the over-weighting the step-count normalisation gave a 36-step client against a 1-step one
+  assert accumulation_norm(36, 0.9) / 36 == pytest.approx(7.56, abs=0.01)
+
+
+def test_fednova_under_momentum_is_unbiased_and_step_counts_are_not():
+  # Clients with linear losses g_c.x and different local step counts, momentum 0.9: each
+  # delta is -lr * ||a_c|| * g_c, so an unbiased aggregate points along sum_c p_c g_c (the
+  # global objective's gradient) whatever the step counts.
+  rng = np.random.default_rng(0)
+  g = rng.normal(size=(3, 4))
+  n, taus, lr, rho = np.array([2.0, 5.0, 3.0]), [1, 36, 7], 0.01, 0.9
+  deltas = {"w": jnp.asarray(np.stack([_momentum_sgd_delta(g[c], lr, rho, taus[c]) for c in range(3)]))}
+  p = n / n.sum()
+  target = -(p @ g)
+  cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+  nova = np.asarray(aggregate(deltas, n, [accumulation_norm(t, rho) for t in taus])["w"])
+  assert cos(nova, target) == pytest.approx(1.0, abs=1e-6)
+  # magnitude: as if every client had stepped the weighted mean accumulation norm
+  np.testing.assert_allclose(nova, lr * (p @ [accumulation_norm(t, rho) for t in taus]) * target, rtol=1e-5)
+  old = np.asarray(aggregate(deltas, n, taus)["w"])  # the former step-count normalisation
+  assert cos(old, target) < 0.99
+  # equal step counts: FedNova is FedAvg
+  same = {"w": jnp.asarray(np.stack([_momentum_sgd_delta(g[c], lr, rho, 5) for c in range(3)]))}
+  np.testing.assert_allclose(aggregate(same, n, [accumulation_norm(5, rho)] * 3)["w"], aggregate(same, n)["w"],
+                             rtol=1e-6)
+
+
+def test_fednova_falls_back_to_step_counts_for_other_optimizers_and_says_so():
+  class AdamTask:
+    name, momentum = "adam_task", None
+  with pytest.warns(UserWarning, match="not \\(momentum\\) SGD"):
+    rho, note = fednova_norm_kind(AdamTask())
+  assert rho is None and "fallback" in note
+  assert fednova_norm_kind(mt.get_task("digits_mlp"))[0] == mt.get_task("digits_mlp").momentum
 
 
 def test_one_client_one_step_is_plain_sgd():
@@ -78,16 +135,89 @@ def test_digits_fedavg_reaches_90_percent():
   assert res.final_accuracy()["digits_mlp"] >= 0.90
 
 
-def test_policies_change_the_clock_not_the_training_and_full_removes_waiting():
-  model = VRModel({"digits_mlp": 2e-4, "mnist_lenet": 4e-3}, {"digits_mlp": 0.6, "mnist_lenet": 0.9}, {})
-  base = FedConfig(tasks=("digits_mlp", "mnist_lenet"), num_clients=8, clients_per_round=8, rounds=2,
-                   local_epochs=0.5, alpha=1.0, simulator="loop", seed=4)
-  runs = {p: run_federated(dataclasses_replace(base, policy=p), model, progress=False) for p in ("none", "intra", "full")}
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), runs["none"].state.params, runs["intra"].state.params)
-  assert runs["intra"].virtual_time_s <= runs["none"].virtual_time_s
+TWO = VRModel({"digits_mlp": 2e-4, "mnist_lenet": 4e-3}, {"digits_mlp": 0.6, "mnist_lenet": 0.9}, {})
+TWO_CFG = FedConfig(tasks=("digits_mlp", "mnist_lenet"), num_clients=8, clients_per_round=6, rounds=3,
+                    local_epochs=0.5, alpha=1.0, simulator="loop", seed=4)
+
+
+@pytest.fixture(scope="module")
+def policy_runs():
+  return {p: run_federated(dataclasses_replace(TWO_CFG, policy=p), TWO, progress=False) for p in POLICIES}
+
+
+def test_work_is_steps_times_solo_step_time_of_the_aggregated_clients(policy_runs):
+  for p, r in policy_runs.items():
+    work = 0.0
+    for h in r.history:
+      gone = {f["client"] for f in h["failures"]}
+      rows = sum(n * TWO.solo_step_s[t] for c, wl in h["workloads"].items() if int(c) not in gone
+                 for t, n in wl.items())
+      assert h["work_s"] == pytest.approx(rows, rel=1e-9), p
+      work += rows
+    # one lenet step is worth 20 mlp steps: throughput is not the sample count
+    assert r.fl_throughput == pytest.approx(work / r.virtual_time_s, rel=1e-9)
+    assert r.samples_per_s * 1e-6 < r.fl_throughput
+
+
+def test_policies_change_the_clock_not_the_training(policy_runs):
+  none, intra = policy_runs["none"], policy_runs["intra"]
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), none.state.params, intra.state.params)
+  assert intra.virtual_time_s <= none.virtual_time_s
   idle = lambda r: np.mean([v for h in r.history for v in h["idle_s"].values()])
-  assert idle(runs["full"]) < idle(runs["intra"])
-  assert runs["full"].fl_throughput > runs["intra"].fl_throughput
+  assert idle(policy_runs["full"]) < idle(intra)
+
+
+def test_deadline_drops_the_clients_slower_than_the_quantile_and_waits_for_the_deadline(policy_runs):
+  r = policy_runs["deadline"]
+  fed = build_federation(r.cfg)
+  for h in r.history:
+    times = {c: client_compute_time(TWO, fed.workloads(c), "equal", fed.fleet.speed[c])
+             + mt.clock.transfer_time(fed.model_bytes, [t for t, w in fed.workloads(c).items() if w],
+                                      fed.fleet.bandwidth[c]) for c in h["sampled"]}
+    ordered = sorted(times.values())  # median of 6 sampled clients: mean of the 3rd and 4th
+    deadline = (ordered[2] + ordered[3]) / 2
+    assert h["round_time_s"] == pytest.approx(deadline)
+    assert sorted(f["client"] for f in h["failures"]) == sorted(c for c, t in times.items() if t > deadline)
+    assert len(h["idle_s"]) == 3
+
+
+def test_deadline_aggregates_only_the_clients_that_made_it():
+  cfg = dataclasses_replace(TWO_CFG, policy="deadline", rounds=1)
+  r = run_federated(cfg, TWO, progress=False)
+  kept = [int(c) for c in r.history[0]["idle_s"]]
+  fed = build_federation(cfg)
+  start = init_server(cfg).params["digits_mlp"]
+  works = [ClientWork(c, fed.shards["digits_mlp"][c], fed.workloads(c)["digits_mlp"], client_seed(4, 0, 0, c))
+           for c in kept]
+  res = run_clients(mt.get_task("digits_mlp"), fed.datasets["digits_mlp"], start, works, "loop")
+  n = [len(fed.shards["digits_mlp"][c]) for c in kept]
+  expected = jax.tree.map(lambda p, d: p + sum(ni * d[i] for i, ni in enumerate(n)) / sum(n), start, res.deltas)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), r.state.params["digits_mlp"],
+               expected)
+
+
+def test_time_budget_stops_before_the_round_that_would_overrun_it(policy_runs):
+  budget = policy_runs["none"].history[1]["virtual_time_s"] * 1.01
+  for p in ("none", "full", "deadline"):
+    capped = run_federated(dataclasses_replace(TWO_CFG, policy=p, rounds=20, time_budget_s=budget), TWO, progress=False)
+    k = len(capped.history)
+    assert capped.virtual_time_s <= budget
+    longer = run_federated(dataclasses_replace(TWO_CFG, policy=p, rounds=k + 1), TWO, progress=False)
+    assert longer.virtual_time_s > budget  # the next round would have ended past the budget
+    assert longer.history[k - 1]["virtual_time_s"] == capped.virtual_time_s
+    assert "accuracy" in capped.history[-1]
+
+
+def test_measured_correction_replaces_the_model_for_its_mix_only():
+  wl = {"digits_mlp": 50, "mnist_lenet": 10}
+  corr = MixCorrections({mix_key(wl, TWO.solo_step_s): {"equal": 1.7}})
+  base = client_compute_time(TWO, wl, "equal", 2.0)
+  assert client_compute_time(TWO, wl, "equal", 2.0, corr, with_source=True) == (pytest.approx(1.7 * base), True)
+  assert client_compute_time(TWO, wl, "competitive", 2.0, corr, with_source=True)[1] is False
+  # scaling all of a client's work keeps its mix (full's scaled clients use the same correction)
+  assert mix_key({"digits_mlp": 100, "mnist_lenet": 20}, TWO.solo_step_s) == mix_key(wl, TWO.solo_step_s)
+  other = {"digits_mlp": 5000, "mnist_lenet": 1}
+  assert client_compute_time(TWO, other, "equal", 2.0, corr, with_source=True)[1] is False
 
 
 def test_failed_clients_are_dropped_and_recorded():
@@ -125,6 +255,7 @@ def test_nan_update_stops_naming_task_round_client_and_keeps_checkpoint(tmp_path
     (dict(tasks=("alexnet",)), "unknown task 'alexnet'"),
     (dict(policy="fast"), "unknown policy 'fast'"),
     (dict(rounds=0), "rounds must be"),
+    (dict(time_budget_s=0.0), "time_budget_s must be"),
 ])
 def test_bad_configs(kw, match):
   with pytest.raises(ValueError, match=match):
