@@ -1,15 +1,25 @@
-"""The federated benchmark: FL throughput, round time and accuracy under ``none``, ``intra``
-and ``full`` for several multi-task scenarios, and the simulator's own speed (per-client
-loop against ``auto``).
+"""The federated benchmark: FL throughput, round time and accuracy under ``none``,
+``deadline``, ``intra`` and ``full`` for several multi-task scenarios, and the simulator's
+own speed (per-client loop against ``auto``).
+
+Fair comparison: ``none`` runs ``rounds`` rounds; its virtual time is every other policy's
+time budget (they stop before the first round that would overrun it, at most
+``ROUND_CAP_FACTOR * rounds`` rounds), so accuracy is compared at equal virtual time
+(``accuracy_at_budget``), beside the time each policy needs to reach 90% of ``none``'s
+accuracy (``time_to_target_s``). FL throughput (``work_throughput``) is training work per
+virtual second: a step of task i counts its solo step time ``s_i`` (``VRModel.solo_step_s``);
+``samples_per_s`` is the plain sample rate.
 
 The virtual clock's model of each task mix is fitted once per machine from a measured co-run
-and kept in ``data/profiles/vr_<device>.json`` (:func:`load_or_calibrate`), so that reruns
-with the same seed give the same virtual-clock numbers; delete the file to re-measure.
+and kept in ``data/profiles/vr_<device>.json`` (:func:`load_or_calibrate`); the same store
+keeps measured co-runs of the scenarios' most frequent client workload mixes under equal and
+competitive shares (:func:`load_or_measure_corrections`), which the clock uses instead of
+the model for clients of those mixes. Delete the file to re-measure.
 
 Example::
 
     out = bench_federated(quick=True)
-    out["scenarios"][0]["fl_throughput"]   # {"none": ..., "intra": ..., "full": ...}
+    out["scenarios"][0]["work_throughput"]   # {"none": ..., "deadline": ..., "intra": ..., "full": ...}
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from mtfl_jax.clock import MixCorrections, measure_corrections, mix_key, representative_mixes
 from mtfl_jax.federated import (ClientWork, FedConfig, build_federation, calibrate_mix, choose_mode,
                                 init_server, run_clients, run_federated)
 from mtfl_jax.profiling import default_profile_path, device_name
@@ -30,6 +41,9 @@ from mtfl_jax.tasks import get_task
 from mtfl_jax.vresource import VRModel
 
 PAPER_FL_THROUGHPUT = (2.16, 2.38)  # Yu et al. 2022: full coordination vs none
+POLICY_ORDER = ("none", "deadline", "intra", "full")
+ROUND_CAP_FACTOR = 4  # faster policies may run up to this many times none's rounds
+TARGET_FRACTION = 0.9  # time to target: 90% of none's accuracy at the budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,40 +115,100 @@ def bench_simulator(task: str, clients: int = 32, steps: int = 5, repeats: int =
           "auto_decision_s": round(decide_s, 2)}
 
 
+def load_or_measure_corrections(tasks: Sequence[str], model: VRModel, workload_vectors, path: str | Path | None = None,
+                                max_mixes: int = 3, log=print) -> tuple[MixCorrections, str]:
+  """Measured corrections for the ``max_mixes`` most frequent client mixes among
+  ``workload_vectors`` (:func:`mtfl_jax.clock.representative_mixes`), from the store where
+  recorded, else measured now on ``threads`` and added to it."""
+  path = Path(path or vr_store_path())
+  key = ",".join(tasks)
+  store = json.loads(path.read_text()) if path.exists() else {"device": device_name(), "mixes": {}}
+  known = store.setdefault("corrections", {}).get(key, {"factors": {}, "backend": "threads", "detail": {}})
+  mixes = representative_mixes(workload_vectors, model.solo_step_s, max_mixes=max_mixes)
+  todo = {k: v for k, v in mixes.items() if k not in known["factors"]}
+  if todo:
+    log(f"  measuring {len(todo)} client mix(es) of {key} under equal and competitive shares on 'threads'")
+    new = measure_corrections(model, todo, "threads", log=log)
+    known["factors"].update(new.factors)
+    known["detail"].update(new.detail)
+    store["corrections"][key] = known
+    write_json(path, store)
+  where = f"measured now, stored in {path.name}" if todo else f"recorded in {path.name}"
+  return MixCorrections({k: known["factors"][k] for k in mixes},
+                        known.get("backend", "threads"), {k: known["detail"][k] for k in mixes}), where
+
+
+def time_to_target(curve: list, task: str, target: float) -> float | None:
+  """First virtual time at which ``task`` reached ``target`` in a run's curve (None: never)."""
+  for point in curve:
+    if point.get("accuracy", {}).get(task, -1.0) >= target:
+      return point["virtual_time_s"]
+  return None
+
+
 # --------------------------------------------------------------------------- scenarios
 def run_fed_scenario(sc: FedScenario, rounds: int, num_clients: int, per_round: int, seed: int,
                      log=print) -> dict:
   model, source = load_or_calibrate(sc.tasks, log=log)
   out = {"name": sc.name, "tasks": list(sc.tasks), "alpha": sc.alpha, "speed_sigma": sc.speed_sigma,
-         "presence": sc.presence, "quantity_sigma": sc.quantity_sigma, "rounds": rounds,
-         "num_clients": num_clients, "clients_per_round": per_round, "vr_model": source,
-         "fl_throughput": {}, "round_time_s": {}, "idle_fraction": {}, "accuracy": {},
-         "curves": {}, "sim_wall_s": {}}
-  fed = None
-  for policy in ("none", "intra", "full"):
-    cfg = FedConfig(tasks=sc.tasks, num_clients=num_clients, clients_per_round=per_round, rounds=rounds,
+         "presence": sc.presence, "quantity_sigma": sc.quantity_sigma, "rounds_none": rounds,
+         "round_cap": ROUND_CAP_FACTOR * rounds, "num_clients": num_clients, "clients_per_round": per_round,
+         "vr_model": source, "solo_step_s": dict(model.solo_step_s),
+         "work_unit": "solo-seconds on this machine: a step of task i counts s_i (VRModel.solo_step_s)",
+         "work_throughput": {}, "samples_per_s": {}, "rounds_run": {}, "work_per_round_s": {},
+         "round_times_s": {}, "round_time_s": {}, "idle_fraction": {}, "accuracy_at_budget": {},
+         "curves": {}, "sim_wall_s": {}, "clock_measured_fraction": {}, "fednova_norm": {}}
+  fed, budget, corrections = None, None, None
+  for policy in POLICY_ORDER:
+    cfg = FedConfig(tasks=sc.tasks, num_clients=num_clients, clients_per_round=per_round,
+                    rounds=rounds if policy == "none" else ROUND_CAP_FACTOR * rounds, time_budget_s=budget,
                     alpha=sc.alpha, quantity_sigma=sc.quantity_sigma, presence=sc.presence,
                     speed_sigma=sc.speed_sigma, policy=policy, seed=seed)
-    fed = fed if fed is not None else build_federation(cfg)
+    if fed is None:
+      fed = build_federation(cfg)
+      corrections, csource = load_or_measure_corrections(
+          sc.tasks, model, [fed.workloads(c) for c in range(num_clients)], log=log)
+      out["clock"] = {"intra_device": "modelled (VRModel, fitted from one measured co-run) and, for the clients "
+                                      "whose mix was measured, corrected to the measured co-run",
+                      "corrections": corrections.to_json(), "corrections_source": csource,
+                      "inter_device": "modelled: lognormal device speed and bandwidth (mtfl_jax.clock)"}
     fed.cfg = cfg
-    res = run_federated(cfg, model, progress=False, fed=fed)
+    res = run_federated(cfg, model, progress=False, fed=fed, corrections=corrections)
     h = res.history
+    if policy == "none":
+      budget = res.virtual_time_s
+      out["time_budget_s"] = round(budget, 4)
     busy = [h_["round_time_s"] - v for h_ in h for v in h_["idle_s"].values()]
     idle = [v for h_ in h for v in h_["idle_s"].values()]
-    out["fl_throughput"][policy] = round(res.fl_throughput, 2)
+    meas = [v for h_ in h for v in h_["clock_measured"].values()]
+    out["work_throughput"][policy] = round(res.fl_throughput, 6)
+    out["samples_per_s"][policy] = round(res.samples_per_s, 2)
+    out["rounds_run"][policy] = len(h)
+    out["work_per_round_s"][policy] = [round(x["work_s"], 6) for x in h]
+    out["round_times_s"][policy] = [round(x["round_time_s"], 6) for x in h]
     out["round_time_s"][policy] = round(float(np.mean([x["round_time_s"] for x in h])), 4)
     out["idle_fraction"][policy] = round(sum(idle) / max(sum(idle) + sum(busy), 1e-12), 4)
-    out["accuracy"][policy] = res.final_accuracy()
+    out["accuracy_at_budget"][policy] = res.final_accuracy()
+    out["clock_measured_fraction"][policy] = round(float(np.mean(meas)) if meas else 0.0, 3)
+    out["fednova_norm"][policy] = h[0].get("fednova_norm")
     out["curves"][policy] = [{"virtual_time_s": x["virtual_time_s"], "accuracy": x.get("accuracy", {})} for x in h]
     out["sim_wall_s"][policy] = round(res.wall_s, 2)
-    if policy in ("none", "full"):
+    if policy in ("none", "deadline", "full"):
       out.setdefault("timeline", {})[policy] = {"round_time_s": h[0]["round_time_s"],
-                                                "client_time_s": h[0]["client_time_s"]}
-    log(f"  [{sc.name}] {policy}: throughput {res.fl_throughput:,.0f} samples/s (virtual), "
-        f"round {out['round_time_s'][policy]:.2f}s, accuracy {res.final_accuracy()}")
-  thr = out["fl_throughput"]
+                                                "client_time_s": h[0]["client_time_s"],
+                                                "dropped": [f["client"] for f in h[0]["failures"]]}
+    log(f"  [{sc.name}] {policy}: {len(h)} rounds, work throughput {res.fl_throughput:.4f} "
+        f"({res.samples_per_s:,.0f} samples/s), round {out['round_time_s'][policy]:.2f}s, "
+        f"accuracy at budget {res.final_accuracy()}")
+  thr = out["work_throughput"]
   out["gain"] = {"total": round(thr["full"] / thr["none"], 3), "intra": round(thr["intra"] / thr["none"], 3),
-                 "inter": round(thr["full"] / thr["intra"], 3)}
+                 "inter": round(thr["full"] / thr["intra"], 3), "vs_deadline": round(thr["full"] / thr["deadline"], 3),
+                 "deadline": round(thr["deadline"] / thr["none"], 3)}
+  out["target"] = {t: round(TARGET_FRACTION * out["accuracy_at_budget"]["none"][t], 6) for t in sc.tasks}
+  out["time_to_target_s"] = {p: {t: time_to_target(out["curves"][p], t, out["target"][t]) for t in sc.tasks}
+                             for p in POLICY_ORDER}
+  out["accuracy_vs_none"] = {p: {t: round(out["accuracy_at_budget"][p][t] - out["accuracy_at_budget"]["none"][t], 6)
+                                 for t in sc.tasks} for p in POLICY_ORDER}
   return out
 
 
@@ -160,12 +234,18 @@ def bench_federated(quick: bool = True, scenarios: Sequence[FedScenario] = SCENA
 
 
 def federated_table(out: dict) -> str:
-  rows = [f"{'scenario':<22}{'none':>10}{'intra':>10}{'full':>10}{'full/none':>10}{'intra part':>11}{'inter part':>11}"]
+  pols = POLICY_ORDER
+  rows = [f"{'scenario':<22}" + "".join(f"{p:>10}" for p in pols)
+          + f"{'full/none':>10}{'intra part':>11}{'inter part':>11}{'full/dl':>9}"]
   for s in out["scenarios"]:
-    t = s["fl_throughput"]
-    rows.append(f"{s['name']:<22}{t['none']:>10,.0f}{t['intra']:>10,.0f}{t['full']:>10,.0f}"
-                f"{s['gain']['total']:>9.2f}x{s['gain']['intra']:>10.2f}x{s['gain']['inter']:>10.2f}x")
-  rows.append("FL throughput: training samples per virtual second; paper: 2.16x-2.38x full over none")
+    t, g = s["work_throughput"], s["gain"]
+    rows.append(f"{s['name']:<22}" + "".join(f"{t[p]:>10.4f}" for p in pols)
+                + f"{g['total']:>9.2f}x{g['intra']:>10.2f}x{g['inter']:>10.2f}x{g['vs_deadline']:>8.2f}x")
+  rows.append("FL throughput: training work (solo-seconds, a step of task i counts s_i) per virtual second; "
+              "paper: 2.16x-2.38x full over none")
+  for s in out["scenarios"]:
+    rows.append(f"{s['name']}: accuracy at an equal virtual-time budget of {s['time_budget_s']:.1f}s: "
+                + "; ".join(f"{p} {s['accuracy_at_budget'][p]}" for p in pols))
   for s in out["simulator"]["per_task"]:
     rows.append(f"simulator, {s['clients']} clients x {s['local_steps']} steps of {s['task']}: loop "
                 f"{s['loop_s'] * 1e3:.1f} ms, auto ({s['auto_mode']}) {s['auto_s'] * 1e3:.1f} ms: {s['speedup']:.1f}x")

@@ -24,8 +24,9 @@ Policies (what a round's plan is) are values in :data:`POLICIES` (:class:`FedPol
   work neither counts nor enters the aggregate, and the round lasts until the deadline;
 * ``full``: ``intra`` plus inter-device coordination. The server sets a round deadline, the
   ``deadline_quantile`` of the sampled clients' ``intra`` round times, and every client
-  scales its local work to finish by it (slow clients do fewer steps, fast ones more, at
-  most ``max_work_scale`` times their epochs; at least one step per task). Unequal local
+  scales its local work to finish by it (slow clients do fewer steps, fast ones more,
+  between ``1 / max_work_scale`` and ``max_work_scale`` times their epochs; a client that
+  cannot do the lower bound in time is dropped, see :func:`scale_work_to_deadline`). Unequal local
   work would bias plain FedAvg towards clients that step more (objective inconsistency,
   Wang et al. 2020), so ``full`` aggregates with FedNova: each delta is divided by the l1
   norm of its client's accumulation vector (:func:`accumulation_norm`; the step count for
@@ -421,19 +422,27 @@ def drop_late_clients(fed: Federation, model: VRModel, plan: dict, clock) -> flo
   return deadline
 
 
-def scale_work_to_deadline(fed: Federation, model: VRModel, plan: dict, clock) -> None:
+def scale_work_to_deadline(fed: Federation, model: VRModel, plan: dict, clock) -> float | None:
   """``full``: every client scales its local work to finish by the ``deadline_quantile`` of
-  the sampled clients' round times (at most ``max_work_scale`` times its epochs, at least one
-  step per task it holds); the round lasts until the last client finishes."""
+  the sampled clients' round times, between ``1 / max_work_scale`` and ``max_work_scale``
+  times its epochs. The lower bound is there because FedNova extrapolates each client's
+  normalised update to the mean accumulation norm: a client cut to a step or two would have
+  its first minibatch gradient multiplied by ~100 under momentum 0.9. A client that cannot do
+  even the lower bound by the deadline is dropped (as ``deadline`` drops it) and the round
+  then lasts until the deadline; otherwise it lasts until the last client finishes."""
   cfg = fed.cfg
   deadline = float(np.quantile(_client_times(plan), cfg.deadline_quantile))
+  late = False
   for c, p in plan.items():
     if p["compute_s"] <= 0:
       continue
-    scale = min(cfg.max_work_scale, max(0.0, (deadline - p["transfer_s"]) / p["compute_s"]))
+    scale = min(cfg.max_work_scale, (deadline - p["transfer_s"]) / p["compute_s"])
+    if scale < 1.0 / cfg.max_work_scale:
+      p["dropped"] = late = True
+      continue
     p["workloads"] = {t: (max(1, int(round(w * scale))) if w > 0 else 0) for t, w in p["workloads"].items()}
     p["compute_s"], p["measured"] = clock(p["workloads"], c)
-  return None
+  return deadline if late else None
 
 
 @dataclasses.dataclass(frozen=True)
