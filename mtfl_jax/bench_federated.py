@@ -216,7 +216,7 @@ def bench_federated(quick: bool = True, scenarios: Sequence[FedScenario] = SCENA
                     rounds: int | None = None, num_clients: int = 10, per_round: int | None = None,
                     simulator_tasks: Sequence[str] = ("digits_mlp", "mnist_lenet"),
                     json_path: str | Path | None = None, log=print) -> dict:
-  rounds = rounds or (6 if quick else 30)
+  rounds = rounds or (6 if quick else 40)
   per_round = per_round or (5 if quick else num_clients)
   t0 = time.perf_counter()
   log(f"federated benchmark on {device_name()} ({'quick' if quick else 'full'}; {rounds} rounds, "

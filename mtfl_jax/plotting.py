@@ -8,7 +8,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 POLICY_COLORS = {"sequential": "#888888", "equal": "#e69f00", "partitioned": "#56b4e9",
-                 "competitive": "#009e73", "none": "#888888", "intra": "#56b4e9", "full": "#009e73"}
+                 "competitive": "#009e73", "none": "#888888", "deadline": "#cc79a7", "intra": "#56b4e9",
+                 "full": "#009e73"}
+FED_POLICIES = ("none", "deadline", "intra", "full")
 
 
 def _title(fig, text: str, device: str, note: str | None):
@@ -111,36 +113,48 @@ def fig4_intra(d: dict, note: str | None = None):
 
 
 def fig5_fl_throughput(d: dict, note: str | None = None):
+  """FL throughput (training work per virtual second, a step of task i counting its solo step
+  time) of every policy relative to ``none``; dots: the plain sample rate ratio."""
   sc = d["scenarios"]
-  fig, ax = plt.subplots(figsize=(8, 3.8))
+  pols = [p for p in FED_POLICIES if p in sc[0]["work_throughput"]]
+  fig, ax = plt.subplots(figsize=(9, 3.8))
   x = np.arange(len(sc))
-  for k, p in enumerate(("none", "intra", "full")):
-    ax.bar(x + (k - 1) * 0.27, [s["fl_throughput"][p] / s["fl_throughput"]["none"] for s in sc], 0.27,
-           label=p, color=POLICY_COLORS[p])
+  wd = 0.8 / len(pols)
+  for k, p in enumerate(pols):
+    off = x + (k - (len(pols) - 1) / 2) * wd
+    ax.bar(off, [s["work_throughput"][p] / s["work_throughput"]["none"] for s in sc], wd, label=p,
+           color=POLICY_COLORS[p])
+    ax.plot(off, [s["samples_per_s"][p] / s["samples_per_s"]["none"] for s in sc], "k.",
+            label="samples/s ratio" if k == 0 else None)
   lo, hi = d.get("paper", {}).get("fl_throughput_gain", (2.16, 2.38))
   ax.axhspan(lo, hi, color="k", alpha=0.12, label=f"paper: {lo}-{hi}x")
   ax.set_xticks(x, [s["name"] for s in sc])
-  ax.set_ylabel("FL throughput / none")
+  ax.set_ylabel("work per virtual second / none")
   ax.legend(fontsize=8)
-  _title(fig, "Fig. 5: FL throughput (virtual clock)", d['device'], note)
+  _title(fig, "Fig. 5: FL throughput (training work per virtual second)", d['device'], note)
   fig.tight_layout()
   return fig
 
 
 def fig6_accuracy(d: dict, note: str | None = None):
+  """Accuracy against virtual time per task, every policy within the same time budget."""
   sc = max(d["scenarios"], key=lambda s: len(s["tasks"]))
   tasks = sc["tasks"]
   fig, ax = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
   for a, t in zip(ax[0], tasks):
-    for p in ("none", "full"):
-      pts = [(c["virtual_time_s"], c["accuracy"][t]) for c in sc["curves"][p] if t in c.get("accuracy", {})]
+    for p in FED_POLICIES:
+      pts = [(c["virtual_time_s"], c["accuracy"][t]) for c in sc["curves"].get(p, []) if t in c.get("accuracy", {})]
       if pts:
-        a.plot(*zip(*pts), "o-", label=p, color=POLICY_COLORS[p])
+        a.plot(*zip(*pts), "o-", ms=3, label=p, color=POLICY_COLORS[p])
+    if "time_budget_s" in sc:
+      a.axvline(sc["time_budget_s"], c="k", lw=0.8, ls="--", label="time budget")
+    if "target" in sc:
+      a.axhline(sc["target"][t], c="k", lw=0.8, ls=":", label="target (90% of none)")
     a.set_xlabel("virtual time (s)")
     a.set_ylabel("test mIoU" if "unet" in t else "test accuracy")
     a.set_title(t, fontsize=9)
-  ax[0][0].legend(fontsize=8)
-  _title(fig, f"Fig. 6: accuracy vs virtual time, scenario '{sc['name']}'", d['device'], note)
+  ax[0][0].legend(fontsize=7)
+  _title(fig, f"Fig. 6: accuracy vs virtual time at an equal budget, scenario '{sc['name']}'", d['device'], note)
   fig.tight_layout()
   return fig
 
@@ -150,21 +164,27 @@ FIGURES = {"fig1_workloads": fig1_workloads, "fig2_sharing": fig2_sharing, "fig3
 
 
 def round_timeline(d: dict, note: str | None = None):
-  """One round's per-client busy time and idle wait (who waits for whom), none vs full."""
+  """One round's per-client busy time and idle wait (who waits for whom): none, deadline
+  (dropped clients hatched), full."""
   sc = max(d["scenarios"], key=lambda s: len(s["tasks"]))
-  fig, ax = plt.subplots(1, 2, figsize=(11, 3.6), sharex=True)
-  for a, p in zip(ax, ("none", "full")):
+  pols = [p for p in ("none", "deadline", "full") if p in sc["timeline"]]
+  fig, ax = plt.subplots(1, len(pols), figsize=(5.5 * len(pols), 3.6), sharex=True, squeeze=False)
+  for a, p in zip(ax[0], pols):
     tl = sc["timeline"][p]
     clients = sorted(tl["client_time_s"], key=int)
+    dropped = {str(c) for c in tl.get("dropped", [])}
     busy = [tl["client_time_s"][c] for c in clients]
     a.barh(range(len(clients)), busy, color=POLICY_COLORS[p], label="busy")
+    gone = [i for i, c in enumerate(clients) if c in dropped]
+    if gone:
+      a.barh(gone, [busy[i] for i in gone], color="white", edgecolor="k", hatch="//", label="dropped (missed deadline)")
     a.barh(range(len(clients)), [max(0.0, tl["round_time_s"] - b) for b in busy], left=busy, color="#dddddd",
            label="idle (waiting)")
     a.axvline(tl["round_time_s"], c="k", lw=1)
     a.set_yticks(range(len(clients)), [f"client {c}" for c in clients])
     a.set_xlabel("virtual seconds in round 0")
     a.set_title(p, fontsize=9)
-  ax[0].legend(fontsize=8)
+  ax[0][0].legend(fontsize=8)
   _title(fig, f"Round timeline, scenario '{sc['name']}'", d['device'], note)
   fig.tight_layout()
   return fig
