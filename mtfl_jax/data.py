@@ -315,30 +315,33 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
 
 _DL_HINT = "python -m mtfl_jax download {name}"
 # Where tfds fetches each catalog dataset from (probed before downloading).
-DOWNLOAD_HOSTS = {"mnist": ("storage.googleapis.com", 443),
-                  "fashion_mnist": ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
-                  "cifar10": ("www.cs.toronto.edu", 443)}
+DOWNLOAD_URLS = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                 "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                 "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html"}
 PROBE_TIMEOUT_S = 5.0
 
 
-def network_reachable(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
-  """None when a TCP connection to ``host:port`` opens within ``timeout_s`` (name lookup
-  included), else why not."""
-  import socket
+def network_reachable(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+  """None when the server of ``url`` answers an HTTP request (any status) within ``timeout_s``
+  (name lookup included), else why not."""
   import threading
-  result = ["timed out"]
+  import urllib.error
+  import urllib.request
+  result = [None]
 
   def probe():
     try:
-      socket.create_connection((host, port), timeout=timeout_s).close()
-      result[0] = None
-    except OSError as e:
-      result[0] = str(e.strerror or e) if not isinstance(e, socket.gaierror) else f"cannot resolve {host}: {e.strerror}"
+      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+      pass  # the server answered
+    except Exception as e:  # noqa: BLE001 - anything else: not reachable
+      reason = getattr(e, "reason", e)
+      result[0] = str(getattr(reason, "strerror", None) or reason)
 
   t = threading.Thread(target=probe, daemon=True)
   t.start()
-  t.join(timeout_s)
-  return f"timed out after {timeout_s:g} s" if t.is_alive() else result[0]
+  t.join(timeout_s + 0.5)
+  return f"no answer within {timeout_s:g} s" if t.is_alive() else result[0]
 
 
 def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
@@ -361,11 +364,11 @@ def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
       raise DatasetUnavailableError(
           f"cannot download '{name}' into the data dir {data_dir}{_dir_origin(data_dir)}: it is not "
           f"writable ({e.strerror or e}); set MTFL_DATA_DIR or --data-dir to a writable directory") from None
-    host, port = DOWNLOAD_HOSTS[name]
-    why = network_reachable(host, port)
+    url = DOWNLOAD_URLS[name]
+    why = network_reachable(url)
     if why is not None:
       raise DatasetUnavailableError(
-          f"cannot download '{name}': the network is not reachable from this machine ({host}:{port}: {why}).\n"
+          f"cannot download '{name}': the network is not reachable from this machine ({url}: {why}).\n"
           f"  To bring the data here: on a machine with a network run\n"
           f"    python -m mtfl_jax download {name} --data-dir DIR\n"
           f"  then copy the folder DIR/{name} into {data_dir} on this machine "

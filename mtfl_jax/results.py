@@ -67,7 +67,7 @@ def reading(what: str, remedy: str = ""):
     yield
   except (KeyError, IndexError, TypeError) as e:
     field = f"field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
-    raise BadFileError(f"{what} does not have the expected layout ({field} missing or of the wrong "
+    raise BadFileError(f"{what}: not the layout this version expects ({field} missing or of the wrong "
                        f"type; written by another version?)" + (f"; {remedy}" if remedy else "")) from e
 
 
