@@ -117,8 +117,8 @@ def check_config(cfg: FedConfig) -> None:
   def integer(name, lo, hi=None, hi_name=None):
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
-      bad(f"{name} must be an integer >= {lo}" + (f" and <= {hi_name} ({hi})" if hi is not None else "")
-          + f", got {v!r}")
+      bad(f"{name} must be " + (f"between {lo} and {hi_name} ({hi}), an integer" if hi is not None
+                                else f"an integer >= {lo}") + f", got {v!r}")
 
   def number(name, lo, lo_open=True, hi=None, none_ok=False, extra=""):
     v = getattr(cfg, name)
