@@ -1,22 +1,31 @@
-"""Command line: ``python -m mtfl_jax {profile,download,bench,reproduce} ...``."""
+"""Command line: ``python -m mtfl_jax {profile,download,bench,reproduce} ...``.
+
+Errors the user can act on end in one ``error: ...`` line and exit code 2; Ctrl-C ends in one
+``interrupted: ...`` line saying what was kept and how to resume, and exit code 130.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import sys
+from pathlib import Path
 
 
 def _profile(args):
-  from mtfl_jax.profiling import profile_table, profile_tasks, save_profiles
+  from mtfl_jax.profiling import default_profile_path, load_profiles, profile_table, profile_tasks, save_profiles
+  from mtfl_jax.results import check_writable, write_json
   from mtfl_jax.tasks import get_tasks
   tasks = get_tasks(args.tasks)
+  if args.json:
+    check_writable(args.json, "--json")
+  if args.save:
+    store = check_writable(default_profile_path(), "--save")
+    if store.exists():
+      load_profiles(store)  # a corrupt store is reported now, not after profiling
   profiles = profile_tasks(tasks, repeats=args.repeats)
   print(profile_table(profiles))
   if args.json:
-    doc = {"device": profiles[0].device,
-           "tasks": [p.to_json() for p in profiles]}
-    with open(args.json, "w") as f:
-      json.dump(doc, f, indent=1)
+    write_json(args.json, {"device": profiles[0].device, "tasks": [p.to_json() for p in profiles]})
     print(f"wrote {args.json}")
   if args.save:
     print(f"saved to {save_profiles(profiles)}")
@@ -28,17 +37,63 @@ def _download(args):
 
 
 def _bench(args):
+  from mtfl_jax.results import check_writable
+  if args.json:
+    check_writable(args.json, "--json")
   if args.which == "cosched":
     from mtfl_jax.bench_cosched import bench_cosched
     bench_cosched(quick=not args.full, json_path=args.json)
   else:
-    from mtfl_jax.bench_federated import bench_federated
+    from mtfl_jax.bench_federated import bench_federated, vr_store_path
+    check_writable(vr_store_path(), "calibration store")
     bench_federated(quick=not args.full, json_path=args.json)
 
 
 def _reproduce(args):
   from mtfl_jax.reproduce import reproduce
+  from mtfl_jax.results import check_writable
+  check_writable(args.out, "--out", directory=True)
   reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded, seed=args.seed)
+
+
+def _interrupted(args) -> str:
+  """What an interrupted command kept, and how to resume it."""
+  if args.cmd == "reproduce":
+    from mtfl_jax.reproduce import EXPERIMENTS
+    raw = Path(args.out) / "raw"
+    if args.from_recorded:
+      return "interrupted: nothing was measured; rerun the same command to redraw"
+    done = [n for n in EXPERIMENTS if (raw / f"{n}.json").exists()]
+    if done:
+      return (f"interrupted: finished experiments kept in {raw} ({', '.join(done)}); "
+              "rerun the same command to resume")
+    return f"interrupted: no experiment had finished (nothing kept in {raw}); rerun the same command to start again"
+  if args.cmd == "bench":
+    kept = ""
+    if args.which == "federated":
+      from mtfl_jax.bench_federated import vr_store_path
+      kept = f"; calibrations measured so far are kept in {vr_store_path()} and not measured again"
+    return (f"interrupted: no results written{' to ' + args.json if args.json else ''} (the benchmark writes "
+            f"them when it ends){kept}; rerun the same command")
+  if args.cmd == "download":
+    from mtfl_jax.data import default_data_dir
+    where = Path(args.data_dir or default_data_dir()) / "downloads"
+    return f"interrupted: files fetched so far are kept in {where}; rerun the same command to continue"
+  return "interrupted: no profile was written; rerun the same command"
+
+
+def _user_errors() -> tuple:
+  """The exceptions that mean "the user can fix this" (one line, exit 2); anything else is a bug
+  and keeps its traceback."""
+  from mtfl_jax.backends.processes import WorkerError
+  from mtfl_jax.data import DatasetUnavailableError
+  from mtfl_jax.federated import CheckpointError, NonFiniteUpdate
+  return (ValueError, DatasetUnavailableError, WorkerError, MemoryError, RuntimeError, NonFiniteUpdate,
+          CheckpointError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+          IsADirectoryError)
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def main(argv=None) -> int:
@@ -75,14 +130,16 @@ def main(argv=None) -> int:
   re_.set_defaults(fn=_reproduce)
 
   args = p.parse_args(argv)
-  from mtfl_jax.backends.processes import WorkerError
-  from mtfl_jax.data import DatasetUnavailableError
   try:
     args.fn(args)
-  except (ValueError, DatasetUnavailableError, WorkerError, MemoryError, FileNotFoundError,
-          PermissionError, RuntimeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except KeyboardInterrupt:
+    print(f"\n{_interrupted(args)}", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - sorted below: user errors in one line, bugs re-raised
+    if isinstance(e, _user_errors()) or (isinstance(e, OSError) and e.errno in _DISK_ERRNOS):
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    raise
   return 0
 
 

@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -36,7 +35,7 @@ from mtfl_jax.clock import MixCorrections, measure_corrections, mix_key, represe
 from mtfl_jax.federated import (ClientWork, FedConfig, build_federation, calibrate_mix, choose_mode,
                                 init_server, run_clients, run_federated)
 from mtfl_jax.profiling import default_profile_path, device_name
-from mtfl_jax.results import write_json
+from mtfl_jax.results import read_json, write_json
 from mtfl_jax.tasks import get_task
 from mtfl_jax.vresource import VRModel
 
@@ -76,7 +75,7 @@ def load_or_calibrate(tasks: Sequence[str], path: str | Path | None = None, log=
   measured now and added to the store. Returns the model and where it came from."""
   path = Path(path or vr_store_path())
   key = ",".join(tasks)
-  store = json.loads(path.read_text()) if path.exists() else {"device": device_name(), "mixes": {}}
+  store = read_json(path, "calibration store", "delete it to re-measure (one co-run per task mix)", fields=("mixes",)) if path.exists() else {"device": device_name(), "mixes": {}}
   if key in store["mixes"]:
     m = store["mixes"][key]
     return VRModel(m["solo_step_s"], m["demand"], m["fitted_rates"]), f"recorded in {path.name}"

@@ -26,7 +26,6 @@ A trace is a JSON list of ``{"speed": x, "bandwidth_bps": y}``, one per client (
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Mapping
@@ -55,14 +54,32 @@ class Fleet:
 
   @classmethod
   def from_trace(cls, path: str | Path, num_clients: int) -> "Fleet":
-    rows = json.loads(Path(path).read_text())
+    """The first ``num_clients`` rows of a JSON trace ``[{"speed": x, "bandwidth_bps": y}, ...]``;
+    every row is checked, and an error names the row, field and value."""
+    from mtfl_jax.results import BadFileError, read_json
+    form = 'a JSON list of {"speed": x, "bandwidth_bps": y} (x > 0 relative to this machine, y bits/s > 0), one per client'
+    rows = read_json(path, what="fleet trace", remedy=f"a trace is {form}")
+
+    def bad(msg):
+      raise BadFileError(f"fleet trace {path}: {msg}; a trace is {form}")
+    if not isinstance(rows, list):
+      bad(f"holds a JSON {type(rows).__name__}, not a list")
     if len(rows) < num_clients:
-      raise ValueError(f"trace {path} describes {len(rows)} clients, the federation has {num_clients}")
-    speed = np.array([r["speed"] for r in rows[:num_clients]], float)
-    bw = np.array([r["bandwidth_bps"] / 8 for r in rows[:num_clients]], float)
-    if not (np.all(speed > 0) and np.all(bw > 0)):
-      raise ValueError(f"trace {path}: every speed and bandwidth must be > 0")
-    return cls(speed, bw)
+      bad(f"describes {len(rows)} clients, the federation has {num_clients}")
+    vals = {"speed": [], "bandwidth_bps": []}
+    for i, r in enumerate(rows):
+      if not isinstance(r, dict):
+        bad(f"row {i} is {r!r}, not an object")
+      for f in vals:
+        if f not in r:
+          bad(f"row {i} has no field '{f}' (it has {', '.join(map(repr, r)) or 'none'})")
+        v = r[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+          bad(f"row {i}, field '{f}': {v!r} is not a number")
+        if not (math.isfinite(v) and v > 0):
+          bad(f"row {i}, field '{f}': {v!r} must be a finite number > 0")
+        vals[f].append(float(v))
+    return cls(np.array(vals["speed"][:num_clients]), np.array(vals["bandwidth_bps"][:num_clients]) / 8)
 
 
 SHARES = {"none": "equal", "deadline": "equal", "intra": "competitive", "full": "competitive",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import os
@@ -176,11 +177,36 @@ def generate_shapes(n: int, seed: int, size: int = 32):
 
 
 # --------------------------------------------------------------------------- loading
+def _dir_origin(data_dir: Path) -> str:
+  env = os.environ.get("MTFL_DATA_DIR")
+  return " (from MTFL_DATA_DIR)" if env and Path(env).resolve() == Path(data_dir).resolve() else ""
+
+
+def _check_data_dir(data_dir: Path) -> None:
+  if data_dir.exists() and not data_dir.is_dir():
+    raise DatasetUnavailableError(
+        f"the data dir {data_dir}{_dir_origin(data_dir)} is a file, not a directory; point "
+        "MTFL_DATA_DIR (or --data-dir) at a directory")
+
+
+def _unwritable(name: str, data_dir: Path, e: OSError) -> DatasetUnavailableError:
+  return DatasetUnavailableError(
+      f"cannot build dataset '{name}' in the data dir {data_dir}{_dir_origin(data_dir)}: it is not "
+      f"writable ({e.strerror or e}). Set MTFL_DATA_DIR to a writable directory, or build it once "
+      f"where you can write (python -m mtfl_jax download {name} --data-dir DIR) and copy DIR/{name} "
+      "here; reading a built dataset needs no write access.")
+
+
 @contextlib.contextmanager
 def _lock(data_dir: Path, name: str):
-  """Serialises building across processes (co-scheduling workers may start together)."""
-  data_dir.mkdir(parents=True, exist_ok=True)
-  with open(data_dir / f".{name}.lock", "w") as f:
+  """Serialises building across processes (co-scheduling workers may start together). Taken
+  only to build: reading a built dataset needs no lock, so read-only data dirs work."""
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    f = open(data_dir / f".{name}.lock", "w")
+  except OSError as e:
+    raise _unwritable(name, data_dir, e) from None
+  with f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -235,11 +261,18 @@ def _load_cached(name: str, data_dir: str, allow_synthetic: bool) -> Dataset:
     import tensorflow_datasets as tfds
     if name in OFFLINE:
       builder_cls = _builders()[name]
-      with _lock(data_dir, name):
-        builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
-        if not builder.is_prepared():
-          builder.download_and_prepare(
-              download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
+      if not builder.is_prepared():  # build under the lock; a built one is only read
+        with _lock(data_dir, name):
+          builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
+          if not builder.is_prepared():
+            try:
+              builder.download_and_prepare(
+                  download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            except OSError as e:
+              if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise _unwritable(name, data_dir, e) from None
+              raise
     else:
       try:
         builder = tfds.builder(name, data_dir=str(data_dir))
@@ -253,7 +286,13 @@ def _load_cached(name: str, data_dir: str, allow_synthetic: bool) -> Dataset:
           print(f"mtfl_jax: {name} is not in {data_dir}; using synthetic batches of its shapes.")
           return _synthetic(name)
         raise _unavailable(name, data_dir, why)
-    splits = {s: _read_split(builder.as_data_source(split=s)) for s in ("train", "test")}
+    try:
+      splits = {s: _read_split(builder.as_data_source(split=s)) for s in ("train", "test")}
+    except Exception as e:  # noqa: BLE001 - a damaged copy on disk
+      raise DatasetUnavailableError(
+          f"dataset '{name}' in {data_dir / name} cannot be read ({type(e).__name__}: {e}); the copy "
+          f"looks damaged: delete {data_dir / name} and "
+          + ("it is rebuilt on next use" if name in OFFLINE else f"download it again ({_DL_HINT.format(name=name)})")) from e
   (xt, yt), (xs, ys) = splits["train"], splits["test"]
   return Dataset(name, xt, yt, xs, ys, NUM_CLASSES[name])
 
@@ -269,17 +308,79 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None,
   """
   if name not in CATALOG + OFFLINE:
     raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(CATALOG + OFFLINE)}")
-  return _load_cached(name, str(Path(data_dir or default_data_dir()).resolve()), allow_synthetic)
+  data_dir = Path(data_dir or default_data_dir())
+  _check_data_dir(data_dir)
+  return _load_cached(name, str(data_dir.resolve()), allow_synthetic)
+
+
+_DL_HINT = "python -m mtfl_jax download {name}"
+# Where tfds fetches each catalog dataset from (probed before downloading).
+DOWNLOAD_URLS = {"mnist": "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                 "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+                 "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html"}
+PROBE_TIMEOUT_S = 5.0
+
+
+def network_reachable(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+  """None when the server of ``url`` answers an HTTP request (any status) within ``timeout_s``
+  (name lookup included), else why not."""
+  import threading
+  import urllib.error
+  import urllib.request
+  result = [None]
+
+  def probe():
+    try:
+      urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+      pass  # the server answered
+    except Exception as e:  # noqa: BLE001 - anything else: not reachable
+      reason = getattr(e, "reason", e)
+      result[0] = str(getattr(reason, "strerror", None) or reason)
+
+  t = threading.Thread(target=probe, daemon=True)
+  t.start()
+  t.join(timeout_s + 0.5)
+  return f"no answer within {timeout_s:g} s" if t.is_alive() else result[0]
 
 
 def download(name: str, data_dir: str | os.PathLike | None = None) -> Path:
-  """Downloads a catalog dataset (needs a network) or builds an offline one; returns its folder."""
+  """Downloads a catalog dataset (needs a network) or builds an offline one; returns its folder.
+
+  A catalog download first checks, within seconds, that the dataset's server is reachable;
+  when it is not, :class:`DatasetUnavailableError` says how to bring the data here.
+  """
   data_dir = Path(data_dir or default_data_dir())
+  _check_data_dir(data_dir)
   if name in OFFLINE:
     load_dataset(name, data_dir)
   elif name in CATALOG:
+    try:
+      data_dir.mkdir(parents=True, exist_ok=True)
+      with open(data_dir / ".mtfl_write_test", "w"):
+        pass
+      (data_dir / ".mtfl_write_test").unlink()
+    except OSError as e:
+      raise DatasetUnavailableError(
+          f"cannot download '{name}' into the data dir {data_dir}{_dir_origin(data_dir)}: it is not "
+          f"writable ({e.strerror or e}); set MTFL_DATA_DIR or --data-dir to a writable directory") from None
+    url = DOWNLOAD_URLS[name]
+    why = network_reachable(url)
+    if why is not None:
+      raise DatasetUnavailableError(
+          f"cannot download '{name}': the network is not reachable from this machine ({url}: {why}).\n"
+          f"  To bring the data here: on a machine with a network run\n"
+          f"    python -m mtfl_jax download {name} --data-dir DIR\n"
+          f"  then copy the folder DIR/{name} into {data_dir} on this machine "
+          f"(or copy DIR anywhere and set MTFL_DATA_DIR to it).\n"
+          f"  Offline stand-in: {STAND_INS.get(name, 'none')}.")
     import tensorflow_datasets as tfds
-    tfds.data_source(name, data_dir=str(data_dir), download=True)
+    try:
+      tfds.data_source(name, data_dir=str(data_dir), download=True)
+    except Exception as e:  # noqa: BLE001 - report any download failure with its remedy
+      raise DatasetUnavailableError(
+          f"downloading '{name}' into {data_dir} failed ({type(e).__name__}: {e}); files fetched so "
+          f"far are kept in {data_dir / 'downloads'}: rerun the same command to continue") from e
   else:
     raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(CATALOG + OFFLINE)}")
   return data_dir / name

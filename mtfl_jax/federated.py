@@ -56,9 +56,13 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import re
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -72,6 +76,7 @@ import optax
 
 from mtfl_jax.clock import SPEED_SIGMA, Fleet, client_compute_time, transfer_time
 from mtfl_jax.data import load_dataset
+from mtfl_jax.results import read_json, write_json
 from mtfl_jax.partition import assign_tasks, skewed_partition
 from mtfl_jax.tasks import ALL_TASKS, get_task
 from mtfl_jax.train import TrainState, evaluate, init_params, init_state, make_train_step, workload_steps
@@ -129,32 +134,51 @@ class FedConfig:
 def check_config(cfg: FedConfig) -> None:
   def bad(msg):
     raise ValueError(f"bad federated config: {msg}")
+
+  def integer(name, lo, hi=None, hi_name=None):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+      bad(f"{name} must be " + (f"between {lo} and {hi_name} ({hi}), an integer" if hi is not None
+                                else f"an integer >= {lo}") + f", got {v!r}")
+
+  def number(name, lo, lo_open=True, hi=None, none_ok=False, extra=""):
+    v = getattr(cfg, name)
+    if v is None and none_ok:
+      return
+    rng = (f"> {lo:g}" if lo_open else f">= {lo:g}") + (f" and <= {hi:g}" if hi is not None else "")
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+          and math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi))
+    if not ok:
+      bad(f"{name} must be a finite number {rng}{extra}, got {v!r}")
   if not cfg.tasks:
     bad(f"no tasks; valid: {', '.join(ALL_TASKS)}")
   for t in cfg.tasks:
     get_task(t)
   if len(set(cfg.tasks)) != len(cfg.tasks):
     bad(f"a task is named twice in {cfg.tasks}")
-  if not (isinstance(cfg.num_clients, int) and cfg.num_clients >= 1):
-    bad(f"num_clients must be an integer >= 1, got {cfg.num_clients!r}")
-  if not (isinstance(cfg.clients_per_round, int) and 1 <= cfg.clients_per_round <= cfg.num_clients):
-    bad(f"clients_per_round must be between 1 and num_clients ({cfg.num_clients}), got {cfg.clients_per_round!r}")
-  if not (isinstance(cfg.rounds, int) and cfg.rounds >= 1):
-    bad(f"rounds must be an integer >= 1, got {cfg.rounds!r}")
-  if not (cfg.local_epochs > 0 and math.isfinite(cfg.local_epochs)):
-    bad(f"local_epochs must be > 0, got {cfg.local_epochs!r}")
-  if cfg.alpha is not None and not (math.isfinite(cfg.alpha) and cfg.alpha > 0):
+  integer("num_clients", 1)
+  integer("clients_per_round", 1, cfg.num_clients if isinstance(cfg.num_clients, int) else None, "num_clients")
+  integer("rounds", 1)
+  integer("seed", 0)
+  integer("eval_every", 1)
+  number("local_epochs", 0)
+  if cfg.alpha is not None and not (isinstance(cfg.alpha, (int, float)) and not isinstance(cfg.alpha, bool)
+                                    and math.isfinite(cfg.alpha) and cfg.alpha > 0):
     bad(f"Dirichlet alpha must be a finite number > 0 (or None for no label skew), got {cfg.alpha!r}")
+  number("quantity_sigma", 0, lo_open=False)
+  if not isinstance(cfg.presence, Mapping):  # a per-task mapping is checked by assign_tasks
+    number("presence", 0, hi=1)
+  number("deadline_quantile", 0, hi=1)
+  number("max_work_scale", 1, lo_open=False)
+  number("server_lr", 0)
+  number("speed_sigma", 0, lo_open=False)
+  number("client_timeout_s", 0, none_ok=True, extra=" (virtual seconds) or None")
   if cfg.policy not in FED_POLICIES:
     bad(f"unknown policy {cfg.policy!r}; valid: {', '.join(FED_POLICIES)}")
   if cfg.simulator not in SIMULATORS:
     bad(f"unknown simulator {cfg.simulator!r}; valid: {', '.join(SIMULATORS)}")
-  if not 0 < cfg.deadline_quantile <= 1:
-    bad(f"deadline_quantile must lie in (0, 1], got {cfg.deadline_quantile!r}")
-  if not cfg.max_work_scale >= 1:
-    bad(f"max_work_scale must be >= 1, got {cfg.max_work_scale!r}")
-  if not cfg.server_lr > 0:
-    bad(f"server_lr must be > 0, got {cfg.server_lr!r}")
+  if cfg.trace is not None and not isinstance(cfg.trace, (str, Path)):
+    bad(f"trace must be a path to a JSON file or None, got {cfg.trace!r}")
   for f in cfg.faults:
     if len(f) != 3 or f[2] not in FAULTS:
       bad(f"fault {f!r} must be (round, client, kind) with kind in {FAULTS}")
@@ -627,6 +651,66 @@ def _manager(workdir: Path):
   return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=opts)
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of a workdir can be read."""
+
+
+@contextlib.contextmanager
+def _filtered_stderr():
+  """Drops the 'Event loop is closed' tracebacks that orbax's pending reads print after a
+  failed restore; anything else written to ``sys.stderr`` goes through."""
+  real, buf = sys.stderr, io.StringIO()
+  sys.stderr = buf
+  try:
+    yield
+  except Exception:
+    time.sleep(0.2)  # let pending reads finish while stderr is held
+    raise
+  finally:
+    sys.stderr = real
+    blocks = re.split(r"(?m)^(?=Traceback \(most recent call last\):)", buf.getvalue())
+    real.write("".join(b for b in blocks if "Event loop is closed" not in b))
+
+
+def restore_latest(mgr, template: ServerState, workdir: Path, log=print) -> tuple[ServerState, list] | None:
+  """(state, history) from the newest readable checkpoint of ``mgr`` (None: there is none).
+
+  Unreadable newer checkpoints (truncated or corrupt files, say after a crash mid-write or a
+  full disk) are moved aside to ``WORKDIR/checkpoints.unreadable/`` (kept, not deleted) once
+  an older one has been read; ``log`` says which were skipped and why. If none can be read,
+  nothing is moved and :class:`CheckpointError` names the directory and the remedy.
+  """
+  import orbax.checkpoint as ocp
+  host = jax.tree.map(np.asarray, template)
+  skipped = []
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      with _filtered_stderr():
+        restored = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(host), history=ocp.args.JsonRestore()))
+      history = list(restored.history)
+      if len(history) != step:
+        raise ValueError(f"its history has {len(history)} rounds, expected {step}")
+    except Exception as e:  # noqa: BLE001 - any failure to read means: try the one before
+      skipped.append((step, " ".join(f"{type(e).__name__}: {e}".split())[:300]))
+      continue
+    for bad, why in skipped:
+      aside = workdir / "checkpoints.unreadable" / f"{bad}_{time.strftime('%Y%m%d-%H%M%S')}"
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      Path(mgr.directory, str(bad)).rename(aside)
+      log(f"mtfl_jax: skipped the checkpoint of round {bad}, which cannot be read ({why}); moved it to {aside}")
+    if skipped:
+      mgr.reload()
+      log(f"mtfl_jax: resuming from the checkpoint of round {step} in {mgr.directory}")
+    return jax.tree.map(jnp.asarray, restored.state), history
+  if skipped:
+    raise CheckpointError(
+        f"none of the checkpoints in {mgr.directory} can be read ("
+        + "; ".join(f"round {st}: {why}" for st, why in skipped)
+        + f"). Move that directory away (or delete it) to start {workdir} over from round 0, or use another workdir")
+  return None
+
+
 def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | Path | None = None,
                   progress: bool = True, callback: Callable[[str, int], None] | None = None,
                   fed: Federation | None = None, corrections=None) -> FedResult:
@@ -652,17 +736,15 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "config.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) != cfg.to_json():
+    same = lambda d: {k: v for k, v in d.items() if k != "rounds"}  # more rounds: the run goes on
+    if cfg_file.exists() and same(read_json(cfg_file, "the run's config", f"delete it to reuse {workdir} (its checkpoints are kept) or use another workdir", fields=("tasks",))) != same(cfg.to_json()):
       raise ValueError(f"{workdir} holds a run with a different config; use another workdir "
                        "(nothing there was changed)")
-    cfg_file.write_text(json.dumps(cfg.to_json(), indent=1))
+    write_json(cfg_file, cfg.to_json())
     mgr = _manager(workdir)
-    if mgr.latest_step() is not None:
-      template = jax.tree.map(np.asarray, state)
-      restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(template), history=ocp.args.JsonRestore()))
-      state = jax.tree.map(jnp.asarray, restored.state)
-      history = list(restored.history)
+    restored = restore_latest(mgr, state, workdir, print if progress else (lambda m: None))
+    if restored is not None:
+      state, history = restored
   bar = None
   if progress:
     from tqdm.auto import tqdm

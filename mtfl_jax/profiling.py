@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import platform
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtfl_jax.data import default_data_dir, load_dataset
-from mtfl_jax.results import write_json
+from mtfl_jax.results import read_json, reading, write_json
 from mtfl_jax.tasks import Task, get_task
 from mtfl_jax.train import init_state, make_train_step, param_count, sample_batches
 
@@ -246,14 +245,11 @@ def save_profiles(profiles: list[TaskProfile], path: str | os.PathLike | None = 
 
 def load_profiles(path: str | os.PathLike) -> list[TaskProfile]:
   path = Path(path)
-  try:
-    doc = json.loads(path.read_text())
+  remedy = "make one with `python -m mtfl_jax profile --tasks ... --json FILE`"
+  doc = read_json(path, "profile file", f"it is not a profile file written by mtfl_jax: delete it and {remedy}",
+                  fields=("profiles",), missing=remedy)
+  with reading(f"profile file {path} (not a profile file written by mtfl_jax?)", f"delete it and {remedy}"):
     return [TaskProfile.from_json(p) for p in doc["profiles"]]
-  except FileNotFoundError:
-    raise FileNotFoundError(f"no profile file at {path}; make one with "
-                            "`python -m mtfl_jax profile --tasks ... --json FILE`") from None
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"{path} is not a profile file written by mtfl_jax ({e})") from None
 
 
 def profile_table(profiles: list[TaskProfile]) -> str:

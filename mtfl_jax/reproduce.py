@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mtfl_jax.profiling import device_name, device_slug
-from mtfl_jax.results import write_json
+from mtfl_jax.results import check_writable, read_json, reading, write_json
 
 PAPER = {"training_speedup": 2.1, "fl_throughput_gain": (2.16, 2.38)}
 
@@ -219,7 +219,7 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
   from mtfl_jax.plotting import FIGURES
   import matplotlib.pyplot as plt
   mode = mode or ("quick" if quick else "full")
-  out = Path(out)
+  out = check_writable(out, "--out", directory=True)
   raw_dir = out / "raw"
   raw_dir.mkdir(parents=True, exist_ok=True)
   raw, note = {}, None
@@ -230,9 +230,10 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
     missing = [n for n in EXPERIMENTS if not (src / f"{n}.json").exists()]
     if missing:
       raise FileNotFoundError(f"{src} lacks recorded experiment(s) {missing}; expected files "
-                              + ", ".join(f"{n}.json" for n in EXPERIMENTS))
+                              + ", ".join(f"{n}.json" for n in EXPERIMENTS) + ("" if src.is_dir() else f" ({src} does not exist)")
+                              + f"; recorded runs here: {', '.join(map(str, recordings())) or 'none'}")
     for n in EXPERIMENTS:
-      raw[n] = json.loads((src / f"{n}.json").read_text())
+      raw[n] = read_json(src / f"{n}.json", "recorded experiment", "re-record it (python -m mtfl_jax reproduce --out DIR) or restore it from git (git checkout -- PATH)", fields=("device",))
       if src.resolve() != raw_dir.resolve():
         shutil.copyfile(src / f"{n}.json", raw_dir / f"{n}.json")
     devices = sorted({d["device"] for d in raw.values()})
@@ -249,7 +250,7 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
       bar.set_postfix_str(n)
       path = raw_dir / f"{n}.json"
       if path.exists():
-        doc = json.loads(path.read_text())
+        doc = read_json(path, "finished experiment", "delete it to re-measure this experiment (the others are kept)", fields=("device",))
         if doc.get("repro_mode") == mode and doc.get("seed") == seed:
           log(f"[{n}] reusing {path}")
           raw[n] = doc
@@ -264,13 +265,16 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
       write_json(path, doc)
       raw[n] = doc
     bar.close()
+  remedy = "re-record that experiment, or delete its JSON to re-measure it"
   for fig_name, fn in FIGURES.items():
     doc = raw[FIGURE_SOURCES[fig_name]]
     write_json(out / f"{fig_name}.json", doc)
-    fig = fn(doc, note)
+    with reading(f"experiment {raw_dir / FIGURE_SOURCES[fig_name]}.json (drawing {fig_name})", remedy):
+      fig = fn(doc, note)
     fig.savefig(out / f"{fig_name}.png", dpi=110)
     plt.close(fig)
-  summary = summarize(raw)
+  with reading(f"the experiments in {raw_dir}", remedy):
+    summary = summarize(raw)
   summary["recorded_from"] = str(from_recorded) if from_recorded else None
   summary["wall_s"] = round(time.perf_counter() - t0, 1)
   write_json(out / "summary.json", summary)
