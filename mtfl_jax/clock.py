@@ -161,9 +161,11 @@ def representative_mixes(workload_vectors, solo_step_s: Mapping[str, float], tot
 
 
 def measure_corrections(model: VRModel, mixes: Mapping[str, Mapping[str, int]], backend: str = "threads",
-                        log=print) -> MixCorrections:
-  """Runs each mix on ``backend`` under equal and competitive shares (after one warm-up run)
-  and compares the measured makespans with the model's prediction for the same workloads."""
+                        repeats: int = 3, log=print) -> MixCorrections:
+  """Runs each mix on ``backend`` under equal and competitive shares (after one warm-up run;
+  ``repeats`` interleaved runs of each, their median kept: single runs of a short co-run
+  differed by up to 1.8x on a loaded 2-core CPU) and compares the measured makespans with the
+  model's prediction for the same workloads."""
   from mtfl_jax.backends import Job, open_backend
   factors, detail = {}, {}
   for key, wl in mixes.items():
@@ -172,7 +174,11 @@ def measure_corrections(model: VRModel, mixes: Mapping[str, Mapping[str, int]], 
     alloc = {"equal": {t: 1.0 for t in wl}, "competitive": model.competitive_shares(wl)}
     with open_backend(backend, jobs) as r:
       r.run(alloc["equal"])  # warm-up: first calls fill dispatch caches
-      meas = {k: r.run(a).makespan_s for k, a in alloc.items()}
+      runs = {k: [] for k in alloc}
+      for _ in range(repeats):  # interleaved, so that drift hits both policies alike
+        for k, a in alloc.items():
+          runs[k].append(r.run(a).makespan_s)
+      meas = {k: float(np.median(v)) for k, v in runs.items()}
       solo_meas = sum(w * r.solo_step_s[t] for t, w in wl.items())
     pred = {k: model.predict(wl, a).makespan_s for k, a in alloc.items()}
     solo_pred = sum(w * model.solo_step_s[t] for t, w in wl.items())
@@ -180,6 +186,7 @@ def measure_corrections(model: VRModel, mixes: Mapping[str, Mapping[str, int]], 
     # efficiency the model got wrong, not a drift of the solo step times since calibration.
     factors[key] = {k: round((meas[k] / solo_meas) / (pred[k] / solo_pred), 4) for k in alloc}
     detail[key] = {"workloads": wl, "measured_makespan_s": {k: round(v, 4) for k, v in meas.items()},
+                   "measured_runs_s": {k: [round(x, 4) for x in v] for k, v in runs.items()},
                    "predicted_makespan_s": {k: round(v, 4) for k, v in pred.items()},
                    "sequential_s": {"measured": round(solo_meas, 4), "predicted": round(solo_pred, 4)},
                    "model_error": {k: round(1 / factors[key][k] - 1, 4) for k in alloc},

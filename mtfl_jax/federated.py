@@ -446,25 +446,44 @@ def drop_late_clients(fed: Federation, model: VRModel, plan: dict, clock) -> flo
   return deadline
 
 
+def task_scales(work_s: Mapping[str, float], scale: float, lo: float, hi: float) -> dict[str, float]:
+  """Per-task factors on a client's local work that scale its total solo work
+  ``sum_i f_i s_i`` (``f_i``: task i's fraction of the client's solo work ``W_i s_i``) by
+  ``scale`` while changing each task's local epochs as little as possible: minimising
+  ``sum_i (s_i - 1)^2`` under that constraint gives ``s_i = 1 + (scale - 1) f_i / sum_j f_j^2``
+  (Lagrange). Time lives in the heavy task, so that is where work is cut or added; a light
+  task that costs the client almost nothing keeps its epochs (cutting it would buy no time
+  and cost accuracy). Each factor is clipped to ``[lo, hi]``."""
+  total = sum(work_s.values())
+  f = {t: w / total for t, w in work_s.items()}
+  norm = sum(v * v for v in f.values())
+  return {t: float(np.clip(1.0 + (scale - 1.0) * v / norm, lo, hi)) for t, v in f.items()}
+
+
 def scale_work_to_deadline(fed: Federation, model: VRModel, plan: dict, clock) -> float | None:
   """``full``: every client scales its local work to finish by the ``deadline_quantile`` of
-  the sampled clients' round times, between ``1 / max_work_scale`` and ``max_work_scale``
-  times its epochs. The lower bound is there because FedNova extrapolates each client's
-  normalised update to the mean accumulation norm: a client cut to a step or two would have
-  its first minibatch gradient multiplied by ~100 under momentum 0.9. A client that cannot do
-  even the lower bound by the deadline is dropped (as ``deadline`` drops it) and the round
-  then lasts until the deadline; otherwise it lasts until the last client finishes."""
+  the sampled clients' round times: its total solo work by ``(deadline - transfer) /
+  compute``, spread over its tasks by :func:`task_scales` (each task between
+  ``1 / max_work_scale`` and ``max_work_scale`` times its epochs). The lower bound is there
+  because FedNova extrapolates each client's normalised update to the mean accumulation
+  norm: a client cut to a step or two would have its first minibatch gradient multiplied by
+  ~100 under momentum 0.9. A client that cannot do even the lower bound by the deadline is
+  dropped (as ``deadline`` drops it) and the round then lasts until the deadline; otherwise
+  it lasts until the last client finishes."""
   cfg = fed.cfg
+  lo, hi = 1.0 / cfg.max_work_scale, cfg.max_work_scale
   deadline = float(np.quantile(_client_times(plan), cfg.deadline_quantile))
   late = False
   for c, p in plan.items():
     if p["compute_s"] <= 0:
       continue
-    scale = min(cfg.max_work_scale, (deadline - p["transfer_s"]) / p["compute_s"])
-    if scale < 1.0 / cfg.max_work_scale:
+    scale = min(hi, (deadline - p["transfer_s"]) / p["compute_s"])
+    if scale < lo:
       p["dropped"] = late = True
       continue
-    p["workloads"] = {t: (max(1, int(round(w * scale))) if w > 0 else 0) for t, w in p["workloads"].items()}
+    wl = {t: w for t, w in p["workloads"].items() if w > 0}
+    k = task_scales({t: w * model.solo_step_s[t] for t, w in wl.items()}, scale, lo, hi)
+    p["workloads"] = {t: (max(1, int(round(w * k[t]))) if w > 0 else 0) for t, w in p["workloads"].items()}
     p["compute_s"], p["measured"] = clock(p["workloads"], c)
   return deadline if late else None
 

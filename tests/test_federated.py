@@ -294,3 +294,18 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tmp_path):
   ha = json.loads((tmp_path / "ref.npz.json").read_text())
   hb = json.loads((tmp_path / "res.npz.json").read_text())
   assert ha == hb and len(hb) == 4
+
+
+def test_task_scales_is_the_least_change_that_meets_the_deadline():
+  from mtfl_jax.federated import task_scales
+  work = {"light": 0.02, "mid": 0.3, "heavy": 2.0}
+  f = np.array(list(work.values())) / sum(work.values())
+  for scale in (0.6, 1.0, 1.7):
+    got = task_scales(work, scale, 0.01, 100.0)
+    # second derivation: the minimum-norm solution x of f . x = scale - 1 (numpy's lstsq)
+    x = np.linalg.lstsq(f[None, :], np.array([scale - 1.0]), rcond=None)[0]
+    np.testing.assert_allclose([got[t] for t in work], 1.0 + x, rtol=1e-9)
+    assert abs(sum(fi * got[t] for fi, t in zip(f, work)) - scale) < 1e-9  # total work scaled
+  got = task_scales(work, 1.7, 0.5, 2.0)
+  assert abs(got["light"] - 1.0) < 0.02 and got["heavy"] > 1.6  # time lives in the heavy task
+  assert task_scales({"a": 1.0}, 3.0, 0.5, 2.0) == {"a": 2.0}  # clipped to max_work_scale
