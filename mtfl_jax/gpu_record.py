@@ -373,17 +373,29 @@ def targets(raw: dict, cpu_federated: dict | None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the recording
-def use_compile_cache(path: Path) -> None:
-  """JAX's persistent compilation cache (unless one is set): every runner and worker process
-  compiles the same train steps, so all but the first compile of each are cache hits."""
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+@contextlib.contextmanager
+def compile_cache(path: Path):
+  """JAX's persistent compilation cache in ``path`` (unless one is set) while the recording
+  runs: every runner and worker process compiles the same train steps, so all but the first
+  compile of each are cache hits. The previous settings come back afterwards."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    yield
     return
-  for k, v in (("JAX_COMPILATION_CACHE_DIR", str(path)), ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
-               ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
-    os.environ[k] = v  # for the worker processes
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  env = {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}  # for the worker processes
+  conf = {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0.0,
+          "jax_persistent_cache_min_entry_size_bytes": 0}
+  old_conf = {k: getattr(jax.config, k) for k in conf}
+  os.environ.update(env)
+  for k, v in conf.items():
+    jax.config.update(k, v)
+  try:
+    yield
+  finally:
+    for k in env:
+      os.environ.pop(k, None)
+    for k, v in old_conf.items():
+      jax.config.update(k, v)
 
 
 def _status_path(res: Path) -> Path:
@@ -401,7 +413,6 @@ def record(out: str | Path, mode: str = "gpu", budget_s: float | None = None, se
   raw_dir = res / "raw"
   raw_dir.mkdir(parents=True, exist_ok=True)
   os.environ.setdefault("MTFL_PROFILE_DIR", str(res / "profiles"))  # calibrations stay in the recording
-  use_compile_cache(Path(out) / "jax_cache")
   mps = mps_running()
   repro = gc.repro
   if jax.default_backend() == "gpu" and not mps:
@@ -412,10 +423,18 @@ def record(out: str | Path, mode: str = "gpu", budget_s: float | None = None, se
             "experiments": {}}
   log(f"gpu_record ({mode}) on {status['device']}; MPS daemon running: {mps}; budget "
       + (f"{budget_s:.0f}s" if budget_s else "none"))
-  est = dict(gc.estimate_s)
   unknown = set(only or ()) - set(ORDER)
   if unknown:
     raise ValueError(f"unknown experiment(s) {sorted(unknown)}; valid: {', '.join(ORDER)}")
+  with compile_cache(Path(out) / "jax_cache"):
+    _run_all(gc, repro, mps, seed, res, raw_dir, status, only, budget_s, t0, log)
+  status["elapsed_s"] = round(time.perf_counter() - t0, 1)
+  write_json(_status_path(res), status)
+  return finish(out, cpu_reference, log)
+
+
+def _run_all(gc, repro, mps, seed, res, raw_dir, status, only, budget_s, t0, log) -> None:
+  est = dict(gc.estimate_s)
   for name in ORDER:
     if only is not None and name not in only:
       status["experiments"][name] = {"status": "skipped", "reason": "not selected (--only)"}
@@ -435,6 +454,8 @@ def record(out: str | Path, mode: str = "gpu", budget_s: float | None = None, se
       log(f"[{name}] skipped: {status['experiments'][name]['reason']}")
       continue
     log(f"[{name}]")
+    status["experiments"][name] = {"status": "running"}
+    write_json(_status_path(res), status)  # a kill leaves the settings and how far it got
     t1 = time.perf_counter()
     try:
       doc = _run_experiment(name, gc, repro, mps, seed, res, log)
@@ -448,9 +469,6 @@ def record(out: str | Path, mode: str = "gpu", budget_s: float | None = None, se
       log(f"[{name}] failed: {type(e).__name__}: {e}")
     status["elapsed_s"] = round(time.perf_counter() - t0, 1)
     write_json(_status_path(res), status)  # progress survives a kill
-  status["elapsed_s"] = round(time.perf_counter() - t0, 1)
-  write_json(_status_path(res), status)
-  return finish(out, cpu_reference, log)
 
 
 def _run_experiment(name, gc, repro, mps, seed, res, log) -> dict:
@@ -497,8 +515,9 @@ def finish(out: str | Path, cpu_reference: str | Path | None = None, log=print) 
   raw = {p.stem: json.loads(p.read_text()) for p in sorted(raw_dir.glob("*.json"))} if raw_dir.is_dir() else {}
   for name in ORDER:
     st = status["experiments"].setdefault(name, {"status": "done" if name in raw else "not run"})
-    if name not in raw and st["status"] in ("done", "reused", "not run"):
-      st.update(status="not run", reason="no result: stopped (time limit?) before it finished")
+    if name not in raw and st["status"] in ("done", "reused", "running", "not run"):
+      st.update(status="not run", reason="stopped while it ran (time limit?)" if st["status"] == "running"
+                else "no result: stopped (time limit?) before it started")
   if all(n in raw for n in reproduce.EXPERIMENTS):
     try:
       reproduce.reproduce(res, from_recorded=raw_dir, log=lambda m: None)

@@ -63,7 +63,8 @@ export MTFL_MPS_STATUS=$MPS
 # 4. Several processes share the GPU: no preallocation, and a cap per process.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.12}
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache_gpu_record}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache_gpu_record}  # outside the tarball
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
 # 5. The recording, stopped at PY_TIMEOUT_S whatever happens.
 ARGS=(--out "$REC" --budget-s "$BUDGET_S")
