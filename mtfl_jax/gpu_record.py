@@ -73,7 +73,7 @@ class GpuConfig:
   sharing_repeats: int = 2
   fused_slice_s: float = 0.005  # short slices: few unrolled conv steps per compiled program
   trace_tasks: tuple = ("digits_mlp", "mnist_lenet", "shapes_unet")
-  trace_s: float = 0.3  # solo work per task in a traced co-run
+  trace_s: float = 0.2  # solo work per task in a traced co-run
   estimate_s: tuple = ()  # (experiment, seconds) it is expected to need; skipped below that
 
 
@@ -92,7 +92,7 @@ def config(mode: str = "gpu") -> GpuConfig:
                                    speed_sigma=0.5, presence=0.7),),
         fed_rounds=3, fed_clients=8, fed_per_round=4, sim_tasks=("digits_mlp", "mnist_lenet"))
     return GpuConfig(repro, estimate_s=(("cosched", 150), ("gpu_sharing", 90), ("workloads", 40),
-                                        ("vresource", 50), ("federated", 80), ("trace_overlap", 40)))
+                                        ("vresource", 50), ("federated", 80), ("trace_overlap", 30)))
   if mode == "dry":
     pair = ("digits_mlp", "mnist_lenet")
     repro = dataclasses.replace(
@@ -408,6 +408,9 @@ def record(out: str | Path, mode: str = "gpu", budget_s: float | None = None, se
   (from now), then :func:`finish`. Finished experiments in ``raw/`` (same mode and seed) are
   reused."""
   gc = config(mode)
+  if mode == "gpu" and jax.default_backend() != "gpu":  # JAX falls back to the CPU silently
+    raise RuntimeError(f"mode 'gpu' but JAX runs on '{jax.default_backend()}' (no usable GPU); "
+                       "on a CPU use --dry-run")
   t0 = time.perf_counter()
   res = Path(out) / "results"
   raw_dir = res / "raw"
@@ -553,7 +556,8 @@ def write_gpu_report(res: Path, status: dict, raw: dict) -> Path:
   lines = ["# GPU recording", "",
            f"Device **{status.get('device', '?')}** ({smi[0].get('name', 'no nvidia-smi')}, driver "
            f"{smi[0].get('driver_version', 'n/a')}); JAX {(env.get('packages') or {}).get('jax')}; "
-           f"MPS daemon running: {env.get('mps_daemon_running')}; mode `{status.get('mode')}`; "
+           f"MPS daemon running: {env.get('mps_daemon_running')} (script: "
+           f"{(env.get('env') or {}).get('MTFL_MPS_STATUS', 'not run by the script')}); mode `{status.get('mode')}`; "
            f"{status.get('elapsed_s', '?')} s of a {status.get('budget_s') or 'unlimited'} s budget.", "",
            "| experiment | status | seconds | note |", "| --- | --- | --- | --- |"]
   for n in ORDER:
@@ -595,7 +599,8 @@ def write_gpu_report(res: Path, status: dict, raw: dict) -> Path:
       lines.append(f"- {t} solo: {r['achieved_flops'] / 1e9:.1f} GFLOP/s, {100 * r['of_measured_matmul_peak']:.2f}% of the measured peak")
     for s, pols in fl["corun"].items():
       lines.append(f"- {s} co-run: " + ", ".join(f"{p} {r['achieved_flops'] / 1e9:.1f} GFLOP/s" for p, r in pols.items()))
-  lines += ["", f"Figures: {status.get('figures')}. Paper experiments' report: REPORT.md (when drawn)."]
+  fig = status.get("figures")
+  lines += ["", "Figures and the paper experiments' report: REPORT.md." if fig == "drawn" else f"Figures: {fig}."]
   path = res / "GPU_REPORT.md"
   path.write_text("\n".join(lines) + "\n")
   return path

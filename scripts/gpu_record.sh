@@ -13,7 +13,7 @@ DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 OUT=${OUT:-/tmp/gpu_record_out}
 REC=${REC:-/tmp/gpu_record}            # its basename is the tarball's top folder
-BUDGET_S=${BUDGET_S:-400}
+BUDGET_S=${BUDGET_S:-410}
 PY_TIMEOUT_S=${PY_TIMEOUT_S:-440}
 PY=${PY:-python3}
 rm -rf "$REC"
@@ -56,6 +56,11 @@ if [ $DRY = 0 ]; then
   else
     MPS=failed_to_start
   fi
+fi
+PREFLIGHT="import jax, jax.numpy as jnp; assert jax.default_backend() == 'gpu', jax.default_backend(); print(jax.devices(), float(jnp.ones(8).sum()))"
+if [ "$MPS" = started ] && ! timeout -k 5 90 $PY -c "$PREFLIGHT"; then
+  echo "MPS started but a CUDA client could not use the GPU under it: stopping MPS"
+  echo quit | nvidia-cuda-mps-control; sleep 1; MPS=started_but_unusable
 fi
 echo "MPS: $MPS" | tee -a "$REC/env.txt"
 export MTFL_MPS_STATUS=$MPS

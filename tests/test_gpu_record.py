@@ -93,6 +93,8 @@ def test_configs():
   assert gpu_record.nominal_peaks("NVIDIA H200")["bf16"] > gpu_record.nominal_peaks("NVIDIA H200")["fp32"]
   with pytest.raises(ValueError, match="valid: gpu, dry"):
     gpu_record.config("nope")
+  with pytest.raises(RuntimeError, match="use --dry-run"):  # never a CPU recording labelled GPU
+    gpu_record.record("/nonexistent", "gpu", log=lambda m: None)
 
 
 # --------------------------------------------------------------------------- the dry run
