@@ -163,16 +163,32 @@ def _mix_jobs(tasks, work, total_s):
   return [Job(t, wl[t], seed=i) for i, t in enumerate(tasks)], wl, solo
 
 
-def sharing_variants(gc: GpuConfig, mps: bool) -> list[tuple[str, str, dict]]:
-  """(label, backend, open_backend kwargs) of the fig. 2 extension; one place that knows the
-  runners' keyword arguments."""
-  out = [("fused_streams", "fused", {"slice_s": gc.fused_slice_s, "use_streams": True}),
-         ("fused_no_streams", "fused", {"slice_s": gc.fused_slice_s, "use_streams": False}),
-         ("threads", "threads", {})]
+def sharing_variants(gc: GpuConfig, mps: bool) -> list[tuple[str, str, dict, dict]]:
+  """(label, backend, open_backend kwargs, environment while it opens) of the fig. 2 extension;
+  one place that knows the runners' keyword arguments. While an MPS daemon runs, every CUDA
+  client joins it: the workers without MPS get a pipe folder with no daemon in it."""
+  out = [("fused_streams", "fused", {"slice_s": gc.fused_slice_s, "use_streams": True}, {}),
+         ("fused_no_streams", "fused", {"slice_s": gc.fused_slice_s, "use_streams": False}, {}),
+         ("threads", "threads", {}, {})]
   if mps:
-    out.append(("processes_mps", "processes", {"use_mps": True}))
-  out.append(("processes_no_mps", "processes", {"use_mps": False}))
+    out.append(("processes_mps", "processes", {"use_mps": True}, {}))
+  no_daemon = {"CUDA_MPS_PIPE_DIRECTORY": tempfile.mkdtemp(prefix="no_mps_")} if mps else {}
+  out.append(("processes_no_mps", "processes", {"use_mps": False}, no_daemon))
   return out
+
+
+@contextlib.contextmanager
+def _environ(changes: dict):
+  saved = {k: os.environ.get(k) for k in changes}
+  os.environ.update(changes)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def exp_gpu_sharing(gc: GpuConfig, mps: bool, log=print) -> dict:
@@ -186,15 +202,15 @@ def exp_gpu_sharing(gc: GpuConfig, mps: bool, log=print) -> dict:
   with open_backend("sequential", jobs) as seq:
     seq.run()  # warm-up
     seq_s = [seq.run().makespan_s]
-    for label, backend, kw in sharing_variants(gc, mps):
+    for label, backend, kw, env in sharing_variants(gc, mps):
       t0 = time.perf_counter()
       try:
-        with open_backend(backend, jobs, **kw) as r:
+        with _environ(env), open_backend(backend, jobs, **kw) as r:
           r.run(None)  # warm-up (and, for fused, the compile of its programs)
           runs = [r.run(None) for _ in range(gc.sharing_repeats)]
           rates = measured_rates(runs[-1], r.solo_step_s)
         ms = [x.makespan_s for x in runs]
-        out["variants"][label] = {"backend": backend, "kwargs": kw, "makespan_s": [round(m, 4) for m in ms],
+        out["variants"][label] = {"backend": backend, "kwargs": kw, "env": env, "makespan_s": [round(m, 4) for m in ms],
                                   "capacity": round(sum(rates.values()), 3),
                                   "virtual_resource": {k: round(v, 3) for k, v in rates.items()},
                                   "open_and_warm_s": round(time.perf_counter() - t0 - sum(ms), 2)}

@@ -93,6 +93,10 @@ def test_configs():
   assert gpu_record.nominal_peaks("NVIDIA H200")["bf16"] > gpu_record.nominal_peaks("NVIDIA H200")["fp32"]
   with pytest.raises(ValueError, match="valid: gpu, dry"):
     gpu_record.config("nope")
+  with_mps = {v[0]: v for v in gpu_record.sharing_variants(gpu, mps=True)}
+  assert with_mps["processes_mps"][2] == {"use_mps": True}
+  assert "CUDA_MPS_PIPE_DIRECTORY" in with_mps["processes_no_mps"][3]  # really outside MPS
+  assert "processes_mps" not in {v[0] for v in gpu_record.sharing_variants(gpu, mps=False)}
   with pytest.raises(RuntimeError, match="use --dry-run"):  # never a CPU recording labelled GPU
     gpu_record.record("/nonexistent", "gpu", log=lambda m: None)
 
