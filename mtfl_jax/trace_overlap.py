@@ -75,8 +75,11 @@ def load_trace(path: str | Path) -> dict:
   return {"path": str(path), "events": events, "process_names": procs, "thread_names": threads}
 
 
-def device_work(trace: dict, by: str = "module") -> tuple[dict[str, list[tuple[float, float]]], dict]:
-  """Intervals of device work per group (``by`` "module" or "stream"), and what was used."""
+def device_work(trace: dict, by: str = "module",
+                host_fallback: bool = True) -> tuple[dict[str, list[tuple[float, float]]], dict]:
+  """Intervals of device work per group (``by`` "module" or "stream"), and what was used.
+  Without device rows, XLA CPU's thunk events stand in when ``host_fallback`` (a CPU run);
+  on a GPU run they would be kernel launches, not kernels, so none are used."""
   if by not in ("module", "stream"):
     raise ValueError(f"by must be 'module' or 'stream', got {by!r}")
   procs, threads = trace["process_names"], trace["thread_names"]
@@ -99,6 +102,11 @@ def device_work(trace: dict, by: str = "module") -> tuple[dict[str, list[tuple[f
         continue
       groups.setdefault(str(key), []).append((e["start"], e["end"]))
     info["rows"] = sorted(rows)
+  elif not host_fallback:
+    info["source"] = "none"
+    info["reason"] = ("no device rows in the trace: the profiler recorded no kernels (CUPTI not "
+                      "available, or refused, e.g. under MPS)")
+    return {}, info
   else:
     info["source"] = "host: XLA CPU thunk events"
     if by == "stream":
@@ -156,11 +164,11 @@ def overlap(groups: Mapping[str, Sequence[tuple[float, float]]]) -> dict:
           "busy_s": any_s, "concurrent_s": conc_s, "reason": None}
 
 
-def measure_overlap(trace_or_dir, by: str = "module") -> dict:
+def measure_overlap(trace_or_dir, by: str = "module", host_fallback: bool = True) -> dict:
   """Loads a trace (a dict from :func:`load_trace`, a file or a folder) and returns the overlap
   of its device work grouped ``by`` module or stream, with where the numbers came from."""
   trace = trace_or_dir if isinstance(trace_or_dir, dict) else load_trace(trace_or_dir)
-  groups, info = device_work(trace, by)
+  groups, info = device_work(trace, by, host_fallback)
   if "reason" in info:
     return {"measurable": False, "overlap_fraction": None, "groups": {}, **info, "trace": trace.get("path")}
   return {**overlap(groups), **info, "trace": trace.get("path")}
