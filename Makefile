@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODE ?= --quick
 OUT ?= results
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-record gpu-record-dry gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax notebooks
+
+# The GPU recording (docs/gpu_recording.md): `gpu-wheels` here, `gpu-record` on the GPU machine,
+# `gpu-record-dry` its CPU dry run here (tarball in /tmp/gpu_record_out).
+gpu-wheels:
+	bash scripts/gpu_fetch_wheels.sh
+
+gpu-record:
+	bash scripts/gpu_record.sh
+
+gpu-record-dry: $(VENV)/.installed
+	PY=$(abspath $(PY)) bash scripts/gpu_record.sh --dry-run
 
 clean:
 	rm -rf $(VENV) results
