@@ -40,8 +40,9 @@ def test_figures_satisfy_their_bounds(tiny_run):
         lo, hi = s["spread"][b][p]
         assert lo <= v <= hi, (b, p)
     assert s["vs_grid_best"]["grid_best"] == 1.0
-    c = s["makespan_s"]["competitive"]
-    assert s["prediction_error"] == pytest.approx(s["predicted_makespan_s"]["competitive"] / c - 1, abs=2e-4)
+    c, pred = s["makespan_s"]["competitive"], s["predicted_makespan_s"]["competitive"]
+    # both sides rounded to 4 decimals in the JSON: allow that rounding, carried through pred / c
+    assert s["prediction_error"] == pytest.approx(pred / c - 1, abs=1e-4 + 1e-4 * (1 + pred / c) / c)
   vr = json.loads((out / "fig3_vresource.json").read_text())
   errs = [abs(m - p) for c in vr["curves"].values() for m, p in zip(c["measured"], c["predicted"])]
   assert vr["mean_abs_error"] == pytest.approx(sum(errs) / len(errs), abs=1e-3)
