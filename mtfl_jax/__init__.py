@@ -14,7 +14,7 @@ Example::
     result, plan = mt.run_round(jobs, policy="competitive", backend="processes")
 """
 from mtfl_jax.backends import Job, RunResult, backend_names, open_backend
-from mtfl_jax.cosched import (POLICIES, Plan, calibrate, check_memory, choose_backend, make_plan, plan_shares,
+from mtfl_jax.cosched import (POLICIES, Plan, calibrate, candidate_shares, check_memory, choose_backend, make_plan, plan_shares, scaled_jobs, search_plan, share_grid,
                               run_round)
 from mtfl_jax.data import Dataset, DatasetUnavailableError, load_dataset
 from mtfl_jax.partition import assign_tasks, dirichlet_partition, quantity_partition, skewed_partition
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_TASKS", "OFFLINE_TASKS", "POLICIES", "Dataset", "DatasetUnavailableError", "Job", "Plan",
     "RunResult", "Task", "TaskProfile", "TrainState", "VRModel", "assign_tasks", "backend_names",
-    "calibrate", "check_memory", "choose_backend", "device_name", "dirichlet_partition", "evaluate", "get_task",
+    "calibrate", "candidate_shares", "scaled_jobs", "search_plan", "share_grid", "check_memory", "choose_backend", "device_name", "dirichlet_partition", "evaluate", "get_task",
     "get_tasks", "init_state", "load_dataset", "load_profiles", "make_local_update", "make_plan",
     "make_train_step", "op_breakdown", "open_backend", "param_count", "plan_shares",
     "profile_task", "profile_tasks", "quantity_partition", "run_round", "sample_batches",

@@ -6,38 +6,57 @@ Policies (shares are fractions of the device per task):
 * ``equal``: naive concurrency: every task gets the same share (all 1: nobody is limited);
 * ``partitioned``: shares sized to each task's workload that sum to 1 (strict partitions);
 * ``competitive``: virtual-resource-weighted shares, largest 1 (so they oversubscribe the
-  device), planned so that all tasks finish together.
+  device), planned so that all tasks finish together;
+* ``auto``: the model proposes a few share vectors (:func:`candidate_shares`: competitive,
+  equal, partitioned and blends of competitive and equal); measured co-runs decide
+  (:func:`search_plan`). The model may be wrong; a measurement of its own proposals is not;
+* ``grid_best``: the same search over a small grid of shares (:func:`share_grid`), the
+  empirical optimum that ``auto`` is judged against.
+
+``auto`` and ``grid_best`` need something to measure with: a :class:`Runner` (its ``run``),
+or any ``measure(shares) -> makespan_s``; pass a runner opened on a scaled-down job set
+(:func:`scaled_jobs`) to probe with a fraction of the work.
 
 Example::
 
     jobs = [Job("digits_mlp", 4000), Job("mnist_lenet", 300), Job("shapes_unet", 40)]
     with open_backend("processes", jobs) as runner:
       model = calibrate(runner)
-      plan = make_plan("competitive", jobs, model, runner.name)
+      plan = make_plan("auto", jobs, model, runner)     # measures its candidates on runner
       result = runner.run(plan.shares)
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 
 from mtfl_jax.backends import Job, RunResult, Runner, backend_names, open_backend
 from mtfl_jax.backends.base import check_jobs
 from mtfl_jax.vresource import VRModel
 
-POLICIES = ("sequential", "equal", "partitioned", "competitive")
+MODEL_POLICIES = ("sequential", "equal", "partitioned", "competitive")  # need no measurement
+SEARCH_POLICIES = ("auto", "grid_best")  # decided by measured co-runs
+POLICIES = MODEL_POLICIES + SEARCH_POLICIES
+
+Shares = dict[str, float]
+Measure = Callable[[Mapping[str, float]], float]  # shares -> measured makespan (s)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+  """A policy's shares on a backend; ``searched`` holds the median measured makespan of
+  every candidate a search policy tried."""
   policy: str
   backend: str
   shares: dict[str, float]
   predicted_makespan_s: float | None = None
+  searched: dict[str, float] | None = None
 
 
 def workloads_of(jobs: Sequence[Job]) -> dict[str, int]:
@@ -50,8 +69,12 @@ def calibrate(runner: Runner) -> VRModel:
 
 
 def plan_shares(policy: str, workloads: Mapping[str, int], model: VRModel) -> dict[str, float]:
+  """Shares of a policy the model decides alone (:data:`MODEL_POLICIES`)."""
   if policy not in POLICIES:
     raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+  if policy in SEARCH_POLICIES:
+    raise ValueError(f"policy {policy!r} is decided by measurement: use make_plan(..., runner) "
+                     "or search_plan")
   unknown = set(workloads) - set(model.solo_step_s)
   if unknown:
     raise ValueError(f"workload names task(s) {sorted(unknown)} that the model does not know; "
@@ -65,15 +88,119 @@ def plan_shares(policy: str, workloads: Mapping[str, int], model: VRModel) -> di
   return shares
 
 
-def make_plan(policy: str, jobs: Sequence[Job], model: VRModel, backend: str) -> Plan:
-  """The plan of ``policy`` for ``jobs`` on ``backend`` (``sequential`` forces its backend)."""
+def blend(a: Mapping[str, float], b: Mapping[str, float], t: float) -> Shares:
+  """``(1 - t) * a + t * b``, rescaled so the largest share is 1 (shares are relative)."""
+  mix = {n: (1 - t) * a[n] + t * b[n] for n in a}
+  top = max(mix.values())
+  return {n: v / top for n, v in mix.items()}
+
+
+def candidate_shares(workloads: Mapping[str, int], model: VRModel,
+                     blends: Sequence[float] = (1 / 3, 2 / 3)) -> dict[str, Shares]:
+  """The share vectors ``auto`` measures, in order of preference on ties: competitive, its
+  blends towards equal (``t`` of the way), equal, partitioned."""
+  comp = plan_shares("competitive", workloads, model)
+  eq = plan_shares("equal", workloads, model)
+  out = {"competitive": comp}
+  out.update({f"blend{t:.2f}": blend(comp, eq, t) for t in blends})
+  out["equal"] = eq
+  out["partitioned"] = plan_shares("partitioned", workloads, model)
+  return out
+
+
+def share_grid(workloads: Mapping[str, int], model: VRModel, levels: Sequence[float] = (0.25, 0.5, 1.0),
+               max_size: int = 27) -> dict[str, Shares]:
+  """Every share vector with each task's share in ``levels`` and the task with the most solo
+  work fixed at 1; ordered from the most even (all 1, i.e. equal) down, so that ties go to
+  the simpler plan. Raises ``ValueError`` past ``max_size`` points."""
+  work = model.solo_work(workloads)
+  top = max(work, key=lambda n: (work[n], n))
+  free = [n for n in workloads if n != top]
+  size = len(levels) ** len(free)
+  if size > max_size:
+    raise ValueError(f"a grid of {len(levels)} levels over {len(free)} tasks has {size} points, past "
+                     f"max_size={max_size}; pass fewer levels or a larger max_size")
+  levels = sorted({float(v) for v in levels}, reverse=True)
+  out = {}
+  for combo in itertools.product(levels, repeat=len(free)):
+    shares = {n: 1.0 for n in workloads}
+    shares.update(zip(free, combo))
+    out["grid(" + ",".join(f"{shares[n]:g}" for n in workloads) + ")"] = shares
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+  """Outcome of :func:`search_plan`: the winner and every candidate's measurements."""
+  best: str
+  shares: Shares
+  median_s: dict[str, float]
+  runs_s: dict[str, list[float]]
+
+
+def search_plan(measure: Measure | Runner, candidates: Mapping[str, Mapping[str, float]],
+                repeats: int = 1) -> Search:
+  """Measures every candidate share vector ``repeats`` times, round-robin (so drift hits all
+  alike), and picks the lowest median makespan; a tie goes to the candidate listed first.
+
+  ``measure`` is a :class:`Runner` (its ``run(shares).makespan_s``) or any
+  ``shares -> seconds``.
+
+  Example::
+
+      s = search_plan(runner, candidate_shares(workloads, model), repeats=2)
+      s.best, s.shares, s.median_s
+  """
+  if not candidates:
+    raise ValueError("no candidate shares to search")
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+  if isinstance(measure, Runner):
+    runner = measure
+    measure = lambda shares: runner.run(shares).makespan_s  # noqa: E731
+  runs = {k: [] for k in candidates}
+  for _ in range(repeats):
+    for k, shares in candidates.items():
+      runs[k].append(float(measure(dict(shares))))
+  median = {k: float(np.median(v)) for k, v in runs.items()}
+  best = min(candidates, key=lambda k: (median[k], list(candidates).index(k)))
+  return Search(best, dict(candidates[best]), median, runs)
+
+
+def scaled_jobs(jobs: Sequence[Job], fraction: float, min_steps: int = 2) -> list[Job]:
+  """The same jobs with ``fraction`` of their steps (at least ``min_steps``): a cheap probe for
+  a search, opened as its own runner."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+  return [dataclasses.replace(j, steps=max(min_steps, int(round(j.steps * fraction)))) for j in jobs]
+
+
+def make_plan(policy: str, jobs: Sequence[Job], model: VRModel, backend: str | Runner,
+              probe: Measure | Runner | None = None, repeats: int = 1, **search_kwargs) -> Plan:
+  """The plan of ``policy`` for ``jobs`` on ``backend`` (a name, or an open runner);
+  ``sequential`` forces its backend.
+
+  ``auto`` and ``grid_best`` measure their candidates with ``probe`` (default: ``backend``
+  when it is a runner), ``repeats`` times each; ``search_kwargs`` go to
+  :func:`candidate_shares` (auto) or :func:`share_grid` (grid_best).
+  """
   jobs = check_jobs(jobs)
   wl = workloads_of(jobs)
+  name = backend.name if isinstance(backend, Runner) else backend
+  if policy in SEARCH_POLICIES:
+    probe = probe if probe is not None else (backend if isinstance(backend, Runner) else None)
+    if probe is None:
+      raise ValueError(f"policy {policy!r} measures its candidates: pass an open runner as backend, "
+                       "or probe=")
+    cands = (candidate_shares(wl, model, **search_kwargs) if policy == "auto"
+             else share_grid(wl, model, **search_kwargs))
+    found = search_plan(probe, cands, repeats)
+    return Plan(policy, name, found.shares, model.predict(wl, found.shares).makespan_s, found.median_s)
   shares = plan_shares(policy, wl, model)
   if policy == "sequential":
     return Plan(policy, "sequential", shares, sum(model.solo_work(wl).values()))
   pred = model.predict(wl, shares).makespan_s if policy != "partitioned" else None
-  return Plan(policy, backend, shares, pred)
+  return Plan(policy, name, shares, pred)
 
 
 # --------------------------------------------------------------------------- memory
@@ -138,5 +265,5 @@ def run_round(jobs: Sequence[Job], policy: str = "competitive", backend: str = "
     backend, _ = choose_backend(jobs)
   with open_backend(backend, jobs, **backend_kwargs) as runner:
     model = calibrate(runner)
-    plan = make_plan(policy, jobs, model, runner.name)
+    plan = make_plan(policy, jobs, model, runner)
     return runner.run(plan.shares, return_params=return_params), plan

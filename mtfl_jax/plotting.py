@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 POLICY_COLORS = {"sequential": "#888888", "equal": "#e69f00", "partitioned": "#56b4e9",
-                 "competitive": "#009e73", "none": "#888888", "deadline": "#cc79a7", "intra": "#56b4e9",
-                 "full": "#009e73"}
+                 "competitive": "#009e73", "auto": "#cc79a7", "grid_best": "#0072b2", "none": "#888888",
+                 "deadline": "#d55e00", "intra": "#56b4e9", "full": "#009e73"}
 FED_POLICIES = ("none", "deadline", "intra", "full")
 
 
@@ -43,29 +43,43 @@ def fig1_workloads(d: dict, note: str | None = None):
   return fig
 
 
+COSCHED_POLICIES = ("sequential", "equal", "partitioned", "competitive", "auto", "grid_best")
+
+
 def fig2_sharing(d: dict, note: str | None = None):
-  """Throughput normalised to sequential: per policy on the best backend, per backend."""
+  """Throughput normalised to sequential (median makespans; bars span the repeats' min-max):
+  per policy on the best backend, and per backend."""
   sc = d["scenarios"]
-  fig, ax = plt.subplots(1, 2, figsize=(12, 4))
-  pols = ["sequential", "equal", "partitioned", "competitive"]
+  fig, ax = plt.subplots(1, 2, figsize=(13, 4))
+  pols = [p for p in COSCHED_POLICIES if p in sc[0]["makespan_s"]]
   x = np.arange(len(sc))
+  width = 0.8 / len(pols)
   for k, p in enumerate(pols):
-    ax[0].bar(x + (k - 1.5) * 0.2, [s["makespan_s"]["sequential"] / s["makespan_s"][p] for s in sc], 0.2,
-              label=p, color=POLICY_COLORS[p])
+    ys = [s["makespan_s"]["sequential"] / s["makespan_s"][p] for s in sc]
+    err = None
+    if all("spread" in s for s in sc):  # throughput range from the makespan range
+      lo = [y - s["makespan_s"]["sequential"] / s["spread"][s["backend"]][p][1] for y, s in zip(ys, sc)]
+      hi = [s["makespan_s"]["sequential"] / s["spread"][s["backend"]][p][0] - y for y, s in zip(ys, sc)]
+      err = [lo, hi]
+    ax[0].bar(x + (k - (len(pols) - 1) / 2) * width, ys, width, yerr=err, capsize=2, label=p,
+              color=POLICY_COLORS[p])
   ax[0].axhline(d.get("paper", {}).get("training_speedup", 2.1), ls="--", c="k", lw=1, label="paper: 2.1x")
   ax[0].set_xticks(x, [f"{s['name']}\n({s['backend']})" for s in sc])
-  ax[0].set_ylabel("throughput / sequential")
-  ax[0].legend(fontsize=8)
-  ax[0].set_title("policies on the fastest backend", fontsize=9)
-  backends = list(sc[0]["backends_competitive"])
+  ax[0].set_ylabel("throughput / sequential (medians)")
+  ax[0].legend(fontsize=7, ncol=2)
+  ax[0].set_title(f"policies on the best backend ({d.get('repeats', 1)} interleaved repeats)", fontsize=9)
+  by_b = [s.get("makespan_by_backend") or {b: {"competitive": v} for b, v in s["backends_competitive"].items()}
+          for s in sc]
+  backends = list(by_b[0])
+  show = "auto" if "auto" in by_b[0][backends[0]] else "competitive"
   for k, b in enumerate(backends):
     ax[1].bar(x + (k - (len(backends) - 1) / 2) * 0.25,
-              [s["makespan_s"]["sequential"] / s["backends_competitive"][b] for s in sc], 0.25, label=b)
+              [s["makespan_s"]["sequential"] / m[b][show] for s, m in zip(sc, by_b)], 0.25, label=b)
   ax[1].axhline(1.0, c="k", lw=0.8)
   ax[1].set_xticks(x, [s["name"] for s in sc])
-  ax[1].set_ylabel("competitive throughput / sequential")
+  ax[1].set_ylabel(f"{show} throughput / sequential")
   ax[1].legend(fontsize=8)
-  ax[1].set_title("backends under competitive shares", fontsize=9)
+  ax[1].set_title(f"backends under the {show} plan", fontsize=9)
   _title(fig, "Fig. 2: sharing strategies", d['device'], note)
   fig.tight_layout()
   return fig
@@ -93,8 +107,8 @@ def fig3_vresource(d: dict, note: str | None = None):
 def fig4_intra(d: dict, note: str | None = None):
   """Per-task finish times and makespan: equal vs competitive shares (most imbalanced mix)."""
   sc = max(d["scenarios"], key=lambda s: max(s["solo_work_s"].values()) / min(s["solo_work_s"].values()))
-  pols = ["sequential", "equal", "partitioned", "competitive"]
-  fig, ax = plt.subplots(figsize=(8, 3.8))
+  pols = [p for p in COSCHED_POLICIES if p in sc["finish_times_s"]]
+  fig, ax = plt.subplots(figsize=(8, 4.6))
   tasks = sc["tasks"]
   for k, p in enumerate(pols):
     ft = sc["finish_times_s"][p]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import mtfl_jax as mt
-from mtfl_jax.backends import Job, RunResult
+from mtfl_jax.backends import Job, RunResult, Runner
 from mtfl_jax.cosched import check_memory, plan_shares
 from mtfl_jax.vresource import VRModel, measured_rates, water_fill
 
@@ -15,6 +15,59 @@ def test_water_fill_hand_cases():
   assert g == pytest.approx({"a": 0.2, "b": 0.4, "c": 0.4})  # a is capped at its demand
   g = water_fill({"a": 1.0, "b": 1.0}, {"a": 3, "b": 1})
   assert g == pytest.approx({"a": 0.75, "b": 0.25})
+
+
+def _water_fill_by_bisection(demand, weights):
+  """A second solver: find lam with sum_i min(u_i, lam w_i) = 1 by bisection."""
+  if sum(demand.values()) <= 1:
+    return dict(demand)
+  lo, hi = 0.0, 1e6
+  for _ in range(200):
+    lam = (lo + hi) / 2
+    lo, hi = (lam, hi) if sum(min(demand[n], lam * weights[n]) for n in demand) < 1 else (lo, lam)
+  return {n: min(demand[n], hi * weights[n]) for n in demand}
+
+
+def test_water_fill_matches_a_bisection_solver():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(2, 6))
+    names = [f"t{i}" for i in range(n)]
+    demand = dict(zip(names, rng.uniform(0.05, 1.5, n)))
+    weights = dict(zip(names, rng.uniform(0.05, 1.0, n)))
+    g = water_fill(demand, weights)
+    assert g == pytest.approx(_water_fill_by_bisection(demand, weights), abs=1e-9)
+    assert sum(g.values()) == pytest.approx(min(1.0, sum(demand.values())))
+
+
+def test_predict_two_tasks_in_closed_form():
+  # u = 0.8 each (1.6 > 1: they contend), shares a 1, b 0.5 -> lam = 1/1.5, neither capped:
+  # g = (2/3, 1/3), r = g/u = (5/6, 5/12). a (1 s of work) ends at 1 / (5/6) = 1.2 s, when b has
+  # done 1.2 * 5/12 = 0.5 s of its 3; b alone fits (u < 1): r = 1, so it ends at 1.2 + 2.5 = 3.7 s.
+  m = VRModel({"a": 0.5, "b": 1.5}, {"a": 0.8, "b": 0.8}, {})
+  p = m.predict({"a": 2, "b": 2}, {"a": 1.0, "b": 0.5})
+  assert p.start_rates == pytest.approx({"a": 5 / 6, "b": 5 / 12})
+  assert p.finish_times_s == pytest.approx({"a": 1.2, "b": 3.7}) and p.makespan_s == pytest.approx(3.7)
+
+
+def test_competitive_shares_make_everyone_finish_at_the_closed_form_makespan():
+  rng = np.random.default_rng(1)
+  for _ in range(100):
+    n = int(rng.integers(2, 5))
+    names = [f"t{i}" for i in range(n)]
+    solo = dict(zip(names, rng.uniform(0.001, 0.5, n)))
+    wl = dict(zip(names, rng.integers(1, 200, n).tolist()))
+    demand = dict(zip(names, rng.uniform(0.2, 1.0, n)))
+    m = VRModel(solo, demand, {})
+    work = {k: wl[k] * solo[k] for k in names}
+    s_total = sum(work[k] * demand[k] for k in names)
+    p = m.predict(wl, m.competitive_shares(wl))
+    # T = max(max_i T_i, sum_i T_i u_i), from the module's arithmetic
+    assert p.makespan_s == pytest.approx(max(max(work.values()), s_total), rel=1e-6)
+    if s_total >= max(work.values()):  # nobody capped: all finish together
+      assert max(p.finish_times_s.values()) == pytest.approx(min(p.finish_times_s.values()), rel=1e-6)
+    # and no other share vector the model knows of beats it
+    assert p.makespan_s <= m.predict(wl, {k: 1.0 for k in names}).makespan_s * (1 + 1e-9)
 
 
 def _run(stamps):
@@ -67,7 +120,7 @@ def test_policies_shares():
   assert sum(part.values()) == pytest.approx(1.0) and part["b"] == pytest.approx(0.75)
   comp = plan_shares("competitive", wl, m)
   assert max(comp.values()) == 1.0 and sum(comp.values()) > 1.0
-  with pytest.raises(ValueError, match="valid policies: sequential, equal, partitioned, competitive"):
+  with pytest.raises(ValueError, match="valid policies: sequential, equal, partitioned, competitive, auto, grid_best"):
     plan_shares("greedy", wl, m)
   with pytest.raises(ValueError, match="does not know"):
     plan_shares("competitive", {"a": 2, "zzz": 1}, m)
@@ -103,9 +156,24 @@ def test_fit_reproduces_the_whole_equal_run():
   assert fitted.predict(wl, shares).makespan_s == pytest.approx(truth.predict(wl, shares).makespan_s, rel=0.05)
 
 
-def test_auto_backend_is_chosen_by_measurement():
-  jobs = [Job("digits_mlp", 40, seed=0), Job("mnist_lenet", 5, seed=1)]
-  best, times = mt.choose_backend(jobs, candidates=("threads", "fused"))
-  assert set(times) == {"threads", "fused"} and best == min(times, key=times.get)
+def test_auto_backend_is_chosen_by_measurement(monkeypatch):
+  import mtfl_jax.cosched as cs
+  makespans = {"processes": 3.0, "threads": 2.0, "fused": 1.5}
+
+  class Fake(Runner):
+    def __init__(self, name, jobs):
+      super().__init__(jobs)
+      self.name = name
+
+    def run(self, shares=None, params=None, return_params=False):
+      t = makespans[self.name] * (1.0 if shares is None or max(shares.values()) == 1.0 else 9.0)
+      return RunResult(self.name, {}, t, {j.name: t for j in self.jobs}, {}, 0.0)
+
+  monkeypatch.setattr(cs, "open_backend", lambda name, jobs, **kw: Fake(name, jobs))
+  monkeypatch.setattr(cs, "calibrate", lambda r: VRModel({"digits_mlp": 1.0, "mnist_lenet": 1.0},
+                                                          {"digits_mlp": 1.0, "mnist_lenet": 1.0}, {}))
+  jobs = [Job("digits_mlp", 2), Job("mnist_lenet", 6)]
+  best, times = mt.choose_backend(jobs, candidates=("processes", "threads", "fused"))
+  assert best == "fused" and times == makespans  # the competitive runs' makespans, as measured
   with pytest.raises(ValueError, match="valid backends: auto, fused"):
     mt.run_round(jobs, backend="gpu")

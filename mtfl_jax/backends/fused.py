@@ -1,7 +1,9 @@
 """``fused``: one compiled XLA program per slice holding ``k_i`` local steps of every task.
 
-On a GPU each task's part is annotated for its own XLA stream (:mod:`mtfl_jax.streams`), so
-XLA can run the tasks' kernels concurrently (competitive sharing inside XLA). XLA CPU runs
+On a GPU each task's whole part of a slice (all its ``k_i`` steps) is one call annotated for
+its own XLA stream (:mod:`mtfl_jax.streams`), so XLA can run the tasks concurrently
+(competitive sharing inside XLA). With streams the numbers equal the unannotated program's
+to float rounding only (XLA fuses a non-inlined call differently). XLA CPU runs
 one op at a time per program, so on a CPU this backend shows the cost of fusion, not a gain.
 
 Shares become steps per slice (:func:`slice_schedule`): a task's steps are unrolled, except
@@ -30,8 +32,8 @@ UNROLL_MAX = 8
 
 
 def make_fused_slice(tasks, counts, use_streams: bool):
-  """A pure ``(states, batches) -> states`` running ``counts[i]`` steps of ``tasks[i]``, task i
-  on GPU stream i+1 when ``use_streams``. ``batches[i]`` is stacked ``[counts[i], ...]``."""
+  """A pure ``(states, batches) -> states`` running ``counts[i]`` steps of ``tasks[i]``; with
+  ``use_streams`` task i's steps form one call on GPU stream i+1. ``batches[i]`` is stacked ``[counts[i], ...]``."""
   steps = [make_train_step(t) for t in tasks]
 
   def run_task(task, step, k, state, b):

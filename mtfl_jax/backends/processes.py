@@ -59,7 +59,7 @@ def _worker_main(conn, job: Job):
           os._exit(3)
         if job.fault == "hang":
           time.sleep(1e9)
-        state = initial_state(job, params)
+        state = init_state(job.task, job.seed, params)  # params: this job's own (the parent picked them)
         jax.block_until_ready(state)
         while time.perf_counter() < start_at:
           pass
