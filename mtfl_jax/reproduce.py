@@ -25,7 +25,7 @@ class ReproConfig:
   profile_tasks: tuple = ("digits_mlp", "mnist_lenet", "cifar_resnet", "shapes_unet")
   profile_repeats: int = 20
   cosched_scenarios: tuple | None = None  # None: bench_cosched.SCENARIOS
-  cosched_total_s: float = 1.0  # solo work per round; quick: 3 scenarios x 3 backends ~ 4 min
+  cosched_total_s: float = 1.0  # solo work per round
   cosched_backends: tuple = ("processes", "threads", "fused")
   repeats: int = 3  # interleaved co-scheduling repeats (medians and spreads)
   vr_tasks: tuple = ("digits_mlp", "mnist_lenet", "shapes_unet")
@@ -39,7 +39,10 @@ class ReproConfig:
 
 def config(mode: str) -> ReproConfig:
   if mode == "quick":
-    return ReproConfig("quick")
+    # No 'fused' in quick mode: every share vector that auto / grid_best try is a new slice
+    # schedule, i.e. new XLA programs to compile (195 s of one quick scenario's 608 s, measured
+    # on the loaded 2-core CPU), and on XLA CPU fused has never been the fastest backend.
+    return ReproConfig("quick", cosched_backends=("processes", "threads"))
   if mode == "full":
     return ReproConfig("full", profile_repeats=50, cosched_total_s=8.0, repeats=5,
                        vr_grid=(0.1, 0.25, 0.5, 0.75, 1.0), fed_rounds=40, fed_per_round=10)
