@@ -256,8 +256,9 @@ class Task:
 
     def trace(x, y):
       key = jax.random.PRNGKey(0)
-      rngs = {s: key for s in ("params",) + self.rngs}
-      variables = self.model.init(rngs, x, **self.eval_kwargs)
+      variables = self.model.init({s: key for s in ("params",) + self.rngs}, x, **self.eval_kwargs)
+      # the streams of a train step exactly (flax would let a missing one fall back to 'params')
+      rngs = {s: key for s in self.rngs} or None
       out = self.model.apply(variables, x, rngs=rngs, mutable=list(self.mutable) or False,
                              **self.train_kwargs)
       logits = out[0] if self.mutable else out
