@@ -86,10 +86,11 @@ class Dataset:
   """A dataset's splits as float32 images and int32 labels (class ids; per-pixel ids for
   segmentation). Build one from your own arrays with :meth:`from_arrays`."""
   name: str
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
+  # repr=False: a task's or dataset's repr stays one readable line
+  x_train: np.ndarray = dataclasses.field(repr=False)
+  y_train: np.ndarray = dataclasses.field(repr=False)
+  x_test: np.ndarray = dataclasses.field(repr=False)
+  y_test: np.ndarray = dataclasses.field(repr=False)
   num_classes: int
   synthetic: bool = False
 
