@@ -78,15 +78,19 @@ def step_rngs(task: Task, state: TrainState) -> dict | None:
   return {s: jax.random.fold_in(key, i) for i, s in enumerate(task.rngs)}
 
 
-def _loss_and_metrics(task: Task, params, state: TrainState, batch: Batch):
-  variables = {"params": params, **state.model_state}
-  out = task.model.apply(variables, batch["image"], rngs=step_rngs(task, state),
+def _loss_and_metrics(task: Task, params, batch: Batch, state: TrainState | None = None):
+  """``(loss, (metrics, model_state))`` of one batch; ``state`` gives the model's mutable
+  collections and the step's rngs (None: a model without either)."""
+  model_state = {} if state is None else state.model_state
+  variables = {"params": params, **model_state}
+  rngs = None if state is None else step_rngs(task, state)
+  out = task.model.apply(variables, batch["image"], rngs=rngs,
                          mutable=list(task.mutable) or False, **task.train_kwargs)
   logits, updates = out if task.mutable else (out, {})
   labels = batch["label"]
   loss = task.loss(logits, labels)
   accuracy = (jnp.argmax(logits, -1) == labels).mean()
-  return loss, ({"loss": loss, "accuracy": accuracy}, {**state.model_state, **updates})
+  return loss, ({"loss": loss, "accuracy": accuracy}, {**model_state, **updates})
 
 
 def make_train_step(task: Task | str) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
@@ -97,7 +101,7 @@ def make_train_step(task: Task | str) -> Callable[[TrainState, Batch], tuple[Tra
 
   def train_step(state: TrainState, batch: Batch):
     grads, (metrics, model_state) = jax.grad(
-        functools.partial(_loss_and_metrics, task), has_aux=True)(state.params, state, batch)
+        functools.partial(_loss_and_metrics, task), has_aux=True)(state.params, batch, state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state, model_state=model_state), metrics

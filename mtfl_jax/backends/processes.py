@@ -116,7 +116,10 @@ class _Worker:
       self.exit_fd = os.pidfd_open(self.proc.pid)
     except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
       self.exit_fd = None
-    self.conn.send_bytes(job_bytes)
+    try:
+      self.conn.send_bytes(job_bytes)
+    except (BrokenPipeError, ConnectionResetError):
+      pass  # it died at start: the runner reports that, with its stderr, when it waits for it
 
   @property
   def pid(self) -> int:
