@@ -26,6 +26,7 @@ import fcntl
 import functools
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,9 @@ STAND_INS = {
     "cifar10": "none with real 32x32x3 images; profiling and scheduling may use "
                "synthetic batches (allow_synthetic=True), accuracy experiments may not",
 }
-# Shapes (without batch) of images and labels, used for synthetic batches.
+# Shapes (without batch) of images and labels, and class counts, of the datasets known by
+# name: a task on a named dataset reads them here without loading it, and synthetic batches
+# (cifar10 without a download) need them. Tasks on in-memory arrays read them off the arrays.
 SHAPES = {
     "mnist": ((28, 28, 1), ()), "fashion_mnist": ((28, 28, 1), ()),
     "cifar10": ((32, 32, 3), ()), "mtfl_digits": ((8, 8, 1), ()),
@@ -54,15 +57,105 @@ class DatasetUnavailableError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What a model needs to know of a dataset before loading it: per-sample shapes, classes."""
+  input_shape: tuple[int, ...]
+  label_shape: tuple[int, ...]
+  num_classes: int
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+  """Shapes and class count of a dataset known by name (no loading, no download).
+
+  Example::
+
+      dataset_spec("mtfl_shapes")  # DatasetSpec((32, 32, 3), (32, 32), 4)
+  """
+  if name not in SHAPES:
+    raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(SHAPES)} "
+                     "(or pass your own arrays as Dataset.from_arrays(...))")
+  return DatasetSpec(*SHAPES[name], NUM_CLASSES[name])
+
+
+# Datasets whose arrays passed Dataset.from_arrays' checks (by identity).
+_CHECKED: "weakref.WeakSet[Dataset]" = weakref.WeakSet()
+
+
+# eq=False: a dataset is compared and hashed by identity (its fields are arrays).
+@dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """A dataset's splits as float32 images in [0, 1] and int32 labels."""
+  """A dataset's splits as float32 images and int32 labels (class ids; per-pixel ids for
+  segmentation). Build one from your own arrays with :meth:`from_arrays`."""
   name: str
-  x_train: np.ndarray
-  y_train: np.ndarray
-  x_test: np.ndarray
-  y_test: np.ndarray
+  # repr=False: a task's or dataset's repr stays one readable line
+  x_train: np.ndarray = dataclasses.field(repr=False)
+  y_train: np.ndarray = dataclasses.field(repr=False)
+  x_test: np.ndarray = dataclasses.field(repr=False)
+  y_test: np.ndarray = dataclasses.field(repr=False)
   num_classes: int
   synthetic: bool = False
+
+  @classmethod
+  def from_arrays(cls, name: str, x_train, y_train, x_test=None, y_test=None,
+                  num_classes: int | None = None) -> "Dataset":
+    """A dataset from in-memory arrays, checked: non-empty, matching lengths and per-sample
+    shapes, finite inputs, integer labels in ``[0, num_classes)``. ``num_classes`` defaults
+    to the largest label + 1. Without a test split, ``evaluate`` needs explicit arrays.
+
+    Example::
+
+        ds = Dataset.from_arrays("blobs", x[:800], y[:800], x[800:], y[800:])
+        ds.spec   # DatasetSpec(input_shape=(2,), label_shape=(), num_classes=3)
+    """
+    def bad(why):
+      return ValueError(f"dataset '{name}': {why}")
+
+    if (x_test is None) != (y_test is None):
+      raise bad("pass both x_test and y_test, or neither")
+    x_train, y_train = np.asarray(x_train), np.asarray(y_train)
+    x_test = x_train[:0] if x_test is None else np.asarray(x_test)
+    y_test = y_train[:0] if y_test is None else np.asarray(y_test)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+      if x.ndim == 0 or y.ndim == 0:
+        raise bad(f"x_{split} and y_{split} must be arrays with a leading sample axis")
+      if len(x) != len(y):
+        raise bad(f"x_{split} has {len(x)} samples but y_{split} has {len(y)}; they must match")
+      if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise bad(f"x_{split} must be numeric, got dtype {x.dtype}")
+      if not np.isfinite(x.astype(np.float32)).all():
+        raise bad(f"x_{split} holds non-finite values (NaN or inf); clean or impute them first")
+      if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all()):
+          raise bad(f"y_{split} must hold integer class ids, got dtype {y.dtype}")
+    if len(x_train) == 0:
+      raise bad("the training split is empty")
+    if len(x_test) and (x_test.shape[1:] != x_train.shape[1:] or y_test.shape[1:] != y_train.shape[1:]):
+      raise bad(f"test samples have shapes {x_test.shape[1:]}/{y_test.shape[1:]}, train samples "
+                f"{x_train.shape[1:]}/{y_train.shape[1:]}; they must match")
+    y_all = np.concatenate([y_train.reshape(-1), y_test.reshape(-1)])
+    if y_all.min() < 0:
+      raise bad(f"labels must be >= 0, found {int(y_all.min())}")
+    top = int(y_all.max()) + 1
+    num_classes = top if num_classes is None else num_classes
+    if not (isinstance(num_classes, (int, np.integer)) and num_classes >= top):
+      raise bad(f"num_classes={num_classes!r} but labels go up to {top - 1}")
+    ds = cls(name, x_train.astype(np.float32), y_train.astype(np.int32), x_test.astype(np.float32),
+             y_test.astype(np.int32), int(num_classes))
+    _CHECKED.add(ds)
+    return ds
+
+  def check(self) -> "Dataset":
+    """Runs :meth:`from_arrays`' checks on this dataset (once); returns it."""
+    if self not in _CHECKED:
+      has_test = len(self.x_test) > 0
+      Dataset.from_arrays(self.name, self.x_train, self.y_train, self.x_test if has_test else None,
+                          self.y_test if has_test else None, self.num_classes)
+      _CHECKED.add(self)
+    return self
+
+  @property
+  def spec(self) -> DatasetSpec:
+    return DatasetSpec(tuple(self.x_train.shape[1:]), tuple(self.y_train.shape[1:]), self.num_classes)
 
   @property
   def source(self) -> str:

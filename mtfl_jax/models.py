@@ -1,8 +1,9 @@
 """Flax models of the standard task mix: their sizes differ by orders of magnitude on purpose.
 
 GroupNorm stands where a ResNet would usually have BatchNorm: batch statistics are a
-known problem in federated averaging (Hsieh et al., 2020), and keeping every model a pure
-``params -> logits`` function keeps the train state one pytree.
+known problem in federated averaging (Hsieh et al., 2020), so the built-in models are pure
+``params -> logits`` functions. Models of your own may still use BatchNorm or Dropout: a
+:class:`~mtfl_jax.tasks.Task` takes their mutable collections and rng streams.
 """
 from __future__ import annotations
 

@@ -179,12 +179,13 @@ def profile_task(task: str | Task, *, warmup: int = 3, repeats: int = 20, seed: 
   """Profiles one train step of ``task`` alone on the default device.
 
   Real batches when the task's dataset is available; otherwise synthetic batches of the real
-  shapes (``allow_synthetic``), and the profile's ``data`` field says so.
+  shapes (``allow_synthetic``), and the profile's ``data`` field says so. ``task`` is a
+  registered name or any :class:`Task`, e.g. one of your own.
   """
-  task = get_task(task)
+  task = get_task(task).check()
   if warmup < 0 or repeats < 1:
     raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
-  ds = load_dataset(task.dataset, allow_synthetic=allow_synthetic)
+  ds = task.load_data(allow_synthetic=allow_synthetic)
   step = make_train_step(task)
   state = init_state(task, seed)
   batches = sample_batches(ds.x_train, ds.y_train, np.arange(len(ds.x_train)), task.batch_size,

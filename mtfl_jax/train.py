@@ -2,7 +2,7 @@
 
 Example::
 
-    task = get_task("digits_mlp")
+    task = get_task("digits_mlp")           # or your own Task
     state = init_state(task, seed=0)
     step = jax.jit(make_train_step(task))
     batches = sample_batches(ds.x_train, ds.y_train, idx, task.batch_size, num_steps=5, seed=0)
@@ -26,49 +26,85 @@ Batch = dict[str, jax.Array]
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything a task's local training changes: step count, parameters, optimizer state."""
+  """Everything a task's local training changes: step count, parameters, optimizer state, the
+  model's mutable collections (e.g. ``{"batch_stats": ...}``; empty for the built-ins) and
+  the key its rng streams (e.g. Dropout's) are folded from."""
   step: jax.Array
   params: Any
   opt_state: Any
+  model_state: Any = flax.struct.field(default_factory=dict)
+  rng: jax.Array | None = None
 
 
-def init_params(task: Task, seed: int) -> Any:
-  task = get_task(task)
+def init_variables(task: Task | str, seed: int) -> tuple[Any, dict]:
+  """A seeded init of ``task``'s model: ``(params, model_state)`` (model_state holds every
+  collection but params, e.g. batch_stats)."""
+  task = get_task(task).check()
   x = jnp.zeros((1, *task.input_shape), jnp.float32)
-  return task.model.init(jax.random.PRNGKey(seed), x)["params"]
+  key = jax.random.PRNGKey(seed)
+  # the same key for every stream: a model without rngs inits exactly as model.init(key, x)
+  variables = task.model.init({s: key for s in ("params",) + task.rngs}, x, **task.eval_kwargs)
+  variables = dict(variables)
+  return variables.pop("params"), variables
 
 
-def init_state(task: Task, seed: int = 0, params: Any = None) -> TrainState:
-  """A fresh train state; ``params`` (e.g. the global model) replaces the seeded init."""
+def init_params(task: Task | str, seed: int) -> Any:
+  return init_variables(task, seed)[0]
+
+
+def init_state(task: Task | str, seed: int = 0, params: Any = None, model_state: Any = None) -> TrainState:
+  """A fresh train state; ``params`` (e.g. the global model) and ``model_state`` replace the
+  seeded init's."""
   task = get_task(task)
-  params = init_params(task, seed) if params is None else params
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=task.optimizer().init(params))
+  p, s = init_variables(task, seed)
+  params = p if params is None else params
+  model_state = s if model_state is None else model_state
+  # the training rng differs from the init key: dropout masks are not the init's draws
+  rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.optimizer.init(params),
+                    model_state=model_state, rng=rng)
 
 
 def param_count(params: Any) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-def _loss_and_metrics(task: Task, params, batch: Batch):
-  logits = task.model.apply({"params": params}, batch["image"])
+def step_rngs(task: Task, state: TrainState) -> dict | None:
+  """This step's key for each of the task's rng streams: the state's key folded with the step
+  count (reproducible, and the same whichever backend runs the step)."""
+  if not task.rngs:
+    return None
+  key = jax.random.fold_in(state.rng, state.step)
+  return {s: jax.random.fold_in(key, i) for i, s in enumerate(task.rngs)}
+
+
+def _loss_and_metrics(task: Task, params, batch: Batch, state: TrainState | None = None):
+  """``(loss, (metrics, model_state))`` of one batch; ``state`` gives the model's mutable
+  collections and the step's rngs (None: a model without either)."""
+  model_state = {} if state is None else state.model_state
+  variables = {"params": params, **model_state}
+  rngs = None if state is None else step_rngs(task, state)
+  out = task.model.apply(variables, batch["image"], rngs=rngs,
+                         mutable=list(task.mutable) or False, **task.train_kwargs)
+  logits, updates = out if task.mutable else (out, {})
   labels = batch["label"]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  loss = task.loss(logits, labels)
   accuracy = (jnp.argmax(logits, -1) == labels).mean()
-  return loss, {"loss": loss, "accuracy": accuracy}
+  return loss, ({"loss": loss, "accuracy": accuracy}, {**model_state, **updates})
 
 
-def make_train_step(task: Task) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """A pure ``(state, batch) -> (state, metrics)`` SGD step; jit it where you call it."""
-  task = get_task(task)
-  tx = task.optimizer()
+def make_train_step(task: Task | str) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """A pure ``(state, batch) -> (state, metrics)`` step of the task's optimizer (updating its
+  mutable collections); jit it where you call it."""
+  task = get_task(task).check()
+  tx = task.optimizer
 
   def train_step(state: TrainState, batch: Batch):
-    grads, metrics = jax.grad(functools.partial(_loss_and_metrics, task), has_aux=True)(
-        state.params, batch)
+    grads, (metrics, model_state) = jax.grad(
+        functools.partial(_loss_and_metrics, task), has_aux=True)(state.params, batch, state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), metrics
+                         opt_state=opt_state, model_state=model_state), metrics
 
   return train_step
 
@@ -180,29 +216,42 @@ def workload_steps(num_samples: int, batch_size: int, epochs: float) -> int:
 # --------------------------------------------------------------------------- evaluation
 @functools.lru_cache(maxsize=None)
 def _eval_fn(task: Task):
-  k = task.num_classes
+  counts = task.eval_metrics.counts
 
   @jax.jit
-  def counts(params, images, labels, mask):
-    logits = task.model.apply({"params": params}, images)
+  def fn(variables, images, labels, mask):
+    logits = task.model.apply(variables, images, **task.eval_kwargs)
     # mask [B] marks real rows (the last batch is padded to keep one compiled shape)
     m = mask.reshape(mask.shape + (1,) * (labels.ndim - 1)) * jnp.ones_like(labels)
-    loss = (optax.softmax_cross_entropy_with_integer_labels(logits, labels) * m).sum()
-    pred = jnp.argmax(logits, -1)
-    out = {"loss": loss, "correct": ((pred == labels) * m).sum(), "count": m.sum()}
-    if task.kind == "segmentation":
-      cls = jnp.arange(k)
-      p, t, mm = pred[..., None] == cls, labels[..., None] == cls, m[..., None] > 0
-      out["intersection"] = (p & t & mm).reshape(-1, k).sum(0)
-      out["union"] = ((p | t) & mm).reshape(-1, k).sum(0)
-    return out
-  return counts
+    return counts(logits, labels, m)
+  return fn
 
 
-def evaluate(task: Task, params: Any, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> dict:
-  """Test metrics: accuracy (pixel accuracy for segmentation), mean loss, and mIoU for segmentation."""
+def evaluate(task: Task | str, params: Any, x: np.ndarray | None = None, y: np.ndarray | None = None,
+             batch_size: int = 250, model_state: Any = None) -> dict:
+  """The task's metrics (default: accuracy and mean loss; pixel accuracy, loss and mIoU for
+  segmentation) of ``params`` on ``x, y`` (default: the task's test split).
+
+  ``params`` may be a :class:`TrainState`: its params and model_state are used. Without a
+  model_state, a model with mutable collections uses its seed-0 init's (e.g. fresh
+  BatchNorm statistics).
+
+  Example::
+
+      evaluate("digits_mlp", state)   # {'accuracy': ..., 'loss': ...}
+  """
   task = get_task(task)
+  if isinstance(params, TrainState):
+    params, model_state = params.params, params.model_state if model_state is None else model_state
+  if model_state is None:
+    model_state = init_variables(task, 0)[1]
+  if x is None or y is None:
+    ds = task.load_data()
+    x, y = ds.x_test, ds.y_test
+  if len(x) == 0:
+    raise ValueError(f"task {task.name!r}: nothing to evaluate on (an empty test split); pass x and y")
   fn = _eval_fn(task)
+  variables = {"params": params, **model_state}
   total: dict | None = None
   for i in range(0, len(x), batch_size):
     xb, yb = x[i:i + batch_size], y[i:i + batch_size]
@@ -212,12 +261,6 @@ def evaluate(task: Task, params: Any, x: np.ndarray, y: np.ndarray, batch_size: 
     if n < batch_size:
       xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
       yb = np.concatenate([yb, np.zeros((batch_size - n, *yb.shape[1:]), yb.dtype)])
-    out = fn(params, xb, yb, mask)
+    out = fn(variables, xb, yb, mask)
     total = out if total is None else jax.tree.map(jnp.add, total, out)
-  total = jax.tree.map(np.asarray, total)
-  result = {"accuracy": float(total["correct"] / total["count"]),
-            "loss": float(total["loss"] / total["count"])}
-  if task.kind == "segmentation":
-    present = total["union"] > 0
-    result["miou"] = float((total["intersection"][present] / total["union"][present]).mean())
-  return result
+  return task.eval_metrics.summarize(jax.tree.map(np.asarray, total))

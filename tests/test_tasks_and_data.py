@@ -1,4 +1,7 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mtfl_jax as mt
@@ -24,6 +27,48 @@ def test_all_tasks_is_a_closed_tuple_and_unknown_names_list_valid_ones():
 ])
 def test_parameter_counts_match_hand_counts(name, expected):
   assert mt.param_count(mt.init_state(name, 0).params) == expected
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "shapes_unet"])
+def test_builtin_init_and_optimizer_are_unchanged(name):
+  """Built through the public constructor, a built-in inits and steps as before: the seeded
+  model.init on a zero batch, and SGD with momentum 0.9."""
+  task = mt.get_task(name)
+  assert isinstance(task, mt.Task) and task.momentum == 0.9 and task.rngs == () and task.mutable == ()
+  state = mt.init_state(task, 3)
+  direct = task.model.init(jax.random.PRNGKey(3), jnp.zeros((1, *task.input_shape)))["params"]
+  jax.tree.map(np.testing.assert_array_equal, state.params, direct)
+  assert state.model_state == {}
+  batch = jax.tree.map(lambda b: b[0], mt.train.synthetic_batches(task, 1))
+  new, _ = mt.make_train_step(task)(state, batch)
+  grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      task.model.apply({"params": p}, batch["image"]), batch["label"]).mean())(state.params)
+  # first momentum step: trace = g, update = -lr * g
+  want = jax.tree.map(lambda p, g: p - task.learning_rate * g, state.params, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new.params, want)
+
+
+def test_builtins_are_registered_values_and_replace_rebuilds_sgd():
+  assert mt.task_names()[:4] == mt.ALL_TASKS
+  t = mt.get_task("digits_mlp")
+  slower = t.replace(learning_rate=0.01, momentum=0.0)
+  assert slower is not t and slower.momentum == 0.0 and mt.get_task("digits_mlp") is t
+  grads = {"w": jnp.ones(2)}
+  upd, _ = slower.optimizer.update(grads, slower.optimizer.init(grads))
+  np.testing.assert_allclose(upd["w"], -0.01)
+
+
+@pytest.mark.parametrize("name", ["mtfl_digits", "mtfl_mnist5k", "mtfl_shapes"])
+def test_dataset_specs_match_the_data(name):
+  """What tasks read before loading (shapes, classes) is what loading gives."""
+  spec, ds = mt.dataset_spec(name), mt.load_dataset(name)
+  assert spec == ds.spec
+
+
+def test_dataset_from_arrays_infers_classes_and_converts():
+  ds = mt.Dataset.from_arrays("mine", np.ones((3, 2), np.float64), np.array([0, 4, 1], np.int64))
+  assert ds.num_classes == 5 and ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  assert len(ds.x_test) == 0 and ds.spec == mt.DatasetSpec((2,), (), 5)
 
 
 def test_unet_output_is_per_pixel_logits():

@@ -10,16 +10,17 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from mtfl_jax.data import load_dataset
 from mtfl_jax.tasks import Task, get_task
 from mtfl_jax.train import batch_indices, init_state
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One task's work in a round on one device: ``steps`` local SGD steps from a state seeded
-  by ``seed`` (or given params), on batches drawn from ``indices`` of the task's training
-  split (all of it when None) in an order seeded by ``seed``.
+  """One task's work in a round on one device: ``steps`` local optimizer steps from a state
+  seeded by ``seed`` (or given params), on batches drawn from ``indices`` of the task's
+  training split (all of it when None) in an order seeded by ``seed``. ``task`` is a
+  :class:`Task` (yours or a built-in) or a registered name; a model that does not fit its
+  data fails here, before any worker starts.
 
   ``fault`` is for testing failure handling: "crash" or "hang" makes a worker fail.
   """
@@ -31,7 +32,7 @@ class Job:
   fault: str | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "task", get_task(self.task))
+    object.__setattr__(self, "task", get_task(self.task).check())
     if not (isinstance(self.steps, (int, np.integer)) and self.steps >= 1):
       raise ValueError(f"job for task '{self.task.name}': steps must be a positive integer, "
                        f"got {self.steps!r}")
@@ -69,7 +70,7 @@ class Feed:
   """A job's batches: the same sequence whatever the backend or slicing."""
 
   def __init__(self, job: Job):
-    ds = load_dataset(job.task.dataset, allow_synthetic=job.allow_synthetic)
+    ds = job.task.load_data(allow_synthetic=job.allow_synthetic)
     self.x, self.y, self.source = ds.x_train, ds.y_train, ds.source
     idx = np.arange(len(self.x)) if job.indices is None else np.asarray(job.indices)
     self.ids = batch_indices(idx, job.task.batch_size, int(job.steps), job.seed)

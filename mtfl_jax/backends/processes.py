@@ -1,4 +1,8 @@
-"""``processes``: one spawned worker process per task, each with its own JAX runtime.
+"""``processes``: one worker process per task, each with its own JAX runtime.
+
+Workers are fresh Python processes running this module's worker loop (never the parent's
+``__main__``), and receive their :class:`Job` cloudpickled: a task whose model class is
+defined in a script without a main guard, or in a notebook, runs here too.
 
 Shares become the operating system's knobs:
 
@@ -11,7 +15,8 @@ Shares become the operating system's knobs:
   and its CFS weight (nice value; ~1.25x per step) follows its share. Linux keeps affinity
   and nice per thread, so both are applied to every thread of a worker.
 
-Workers that crash or do not answer within ``timeout_s`` are reported by task name and all
+Workers that crash or do not answer within ``timeout_s`` are reported by task name (with
+the end of their stderr; an exception raised in a worker arrives with its traceback) and all
 workers are reaped: no hang, no orphan process.
 """
 from __future__ import annotations
@@ -20,10 +25,16 @@ import math
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Mapping
 
+import cloudpickle
 import numpy as np
 
 from mtfl_jax.backends.base import Job, RunResult, Runner, check_shares, register, sync_every
@@ -34,11 +45,25 @@ class WorkerError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- worker side
-def _worker_main(conn, job: Job):
-  """Runs in the spawned process: compile, then serve 'solo', 'run' and 'stop' requests."""
+# Workers run this, not multiprocessing's spawn main: spawn re-imports the parent's __main__
+# (a user script without an `if __name__ == "__main__":` guard would start the whole script
+# again in every worker), while `python -c` imports nothing of the user's. The job arrives
+# cloudpickled, so a model class defined in a script or notebook travels by value.
+_WORKER_CMD = "from mtfl_jax.backends.processes import _serve; _serve()"
+
+
+def _serve():
+  """Entry point of a worker process: argv[1] is the file descriptor of its connection."""
+  import sys
+  _worker_main(mpc.Connection(int(sys.argv[1])))
+
+
+def _worker_main(conn):
+  """Receives its job, compiles, then serves 'solo', 'run' and 'stop' requests."""
   try:
+    job = pickle.loads(conn.recv_bytes())  # cloudpickle's output loads with plain pickle
     import jax
-    from mtfl_jax.backends.base import Clock, Feed, initial_state, run_steps, time_solo
+    from mtfl_jax.backends.base import Clock, Feed, run_steps, time_solo
     from mtfl_jax.train import init_state, make_train_step
 
     t0 = time.perf_counter()
@@ -70,9 +95,60 @@ def _worker_main(conn, job: Job):
     return
   except BaseException as e:  # noqa: BLE001 - reported to the parent with the task name
     try:
-      conn.send(("error", f"{type(e).__name__}: {e}"))
+      conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     except (BrokenPipeError, OSError):
       pass
+
+
+class _Worker:
+  """A worker process, its connection, an fd that becomes readable when it exits, and its
+  stderr (kept in a file: its tail goes into the error when the worker dies)."""
+
+  def __init__(self, job_bytes: bytes, env: dict):
+    parent, child = mp.Pipe()
+    self.stderr = tempfile.TemporaryFile()
+    self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CMD, str(child.fileno())], env=env,
+                                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                 stderr=self.stderr, close_fds=True)
+    child.close()
+    self.conn = parent
+    try:
+      self.exit_fd = os.pidfd_open(self.proc.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3: poll instead
+      self.exit_fd = None
+    try:
+      self.conn.send_bytes(job_bytes)
+    except (BrokenPipeError, ConnectionResetError):
+      pass  # it died at start: the runner reports that, with its stderr, when it waits for it
+
+  @property
+  def pid(self) -> int:
+    return self.proc.pid
+
+  def stderr_tail(self, chars: int = 2000) -> str:
+    try:
+      self.stderr.seek(0)
+      text = self.stderr.read().decode(errors="replace").strip()
+    except (OSError, ValueError):
+      return ""
+    return text[-chars:]
+
+  def stop(self):
+    try:
+      self.conn.send(("stop",))
+    except (BrokenPipeError, OSError):
+      pass
+    try:
+      self.proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      self.proc.wait(timeout=5)
+    for close in (self.conn.close, self.stderr.close,
+                  (lambda: os.close(self.exit_fd)) if self.exit_fd is not None else (lambda: None)):
+      try:
+        close()
+      except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- placement
@@ -164,66 +240,75 @@ class ProcessesRunner(Runner):
     if self.use_mps and not mps_daemon_running():
       raise RuntimeError(MPS_HELP)
     self.cores = sorted(os.sched_getaffinity(0))
-    self.ctx = mp.get_context("spawn")
-    self.procs: dict[str, mp.Process] = {}
-    self.conns: dict[str, mpc.Connection] = {}
+    self.job_bytes = {}
+    for job in self.jobs:  # before any worker starts: a job that cannot travel fails here
+      try:
+        self.job_bytes[job.name] = cloudpickle.dumps(job)
+      except Exception as e:  # noqa: BLE001 - re-raised with the task's name
+        raise ValueError(f"task '{job.name}' cannot be sent to a worker process ({type(e).__name__}: "
+                         f"{e}); make its model, data and functions picklable, or use the "
+                         "'threads' or 'fused' backend") from e
+    self.workers: dict[str, _Worker] = {}
     self.mps_shares: dict[str, float] | None = None
     self.setup_s = self._start({j.name: 1.0 for j in self.jobs})
     self.solo_step_s = {}
     for job in self.jobs:  # one at a time: solo means alone on the device
-      self.conns[job.name].send(("solo",))
+      self.workers[job.name].conn.send(("solo",))
       self.solo_step_s[job.name] = self._recv(job.name, "solo")[1]
 
   # -- worker management
   def _start(self, shares: Mapping[str, float]) -> float:
     t0 = time.perf_counter()
     self.close()
-    saved = dict(os.environ)
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    # the parent's import path, so mtfl_jax and modules the job refers to import the same
+    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
     try:
-      os.environ["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
-      os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
       for job in self.jobs:
         if self.use_mps:
-          os.environ["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
-        parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker_main, args=(child, job), daemon=True,
-                             name=f"mtfl-worker-{job.name}")
-        p.start()
-        child.close()
-        self.procs[job.name], self.conns[job.name] = p, parent
-    finally:
-      os.environ.clear()
-      os.environ.update(saved)
+          env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
+        self.workers[job.name] = _Worker(self.job_bytes[job.name], dict(env))
+    except BaseException:
+      self.close()  # no worker outlives a failed start
+      raise
     deadline = time.perf_counter() + self.start_timeout_s
     for job in self.jobs:
       self._recv(job.name, "ready", deadline)
     self.mps_shares = dict(shares) if self.use_mps else None
     return time.perf_counter() - t0
 
-  def _fail(self, name: str, why: str):
+  @property
+  def procs(self) -> dict[str, subprocess.Popen]:
+    return {n: w.proc for n, w in self.workers.items()}
+
+  def _fail(self, name: str, why: str, stderr: bool = False):
+    tail = self.workers[name].stderr_tail() if stderr and name in self.workers else ""
     self.close()
-    raise WorkerError(f"worker for task '{name}' {why}; all workers were stopped")
+    raise WorkerError(f"worker for task '{name}' {why}; all workers were stopped"
+                      + (f"\n--- the worker's stderr (end) ---\n{tail}" if tail else ""))
 
   def _recv(self, name: str, kind: str, deadline: float | None = None):
     deadline = deadline or time.perf_counter() + self.timeout_s
-    conn, proc = self.conns[name], self.procs[name]
+    w = self.workers[name]
     while True:
       left = deadline - time.perf_counter()
       if left <= 0:
-        self._fail(name, f"did not answer '{kind}' in time (hung?)")
-      ready = mpc.wait([conn, proc.sentinel], timeout=min(left, 1.0))
-      if conn in ready:
+        self._fail(name, f"did not answer '{kind}' in time (hung?)", stderr=True)
+      waits = [w.conn] + ([w.exit_fd] if w.exit_fd is not None else [])
+      ready = mpc.wait(waits, timeout=min(left, 1.0 if w.exit_fd is not None else 0.2))
+      if w.conn in ready:
         try:
-          msg = conn.recv()
+          msg = w.conn.recv()
         except EOFError:
           msg = None
         if msg is not None and msg[0] == "error":
-          self._fail(name, f"raised {msg[1]}")
+          self._fail(name, f"raised {msg[1]}\n--- worker traceback ---\n{msg[2]}")
         if msg is not None:
           return msg
-      if proc.sentinel in ready or not proc.is_alive():
-        proc.join(1)
-        self._fail(name, f"died (exit code {proc.exitcode})")
+      if w.proc.poll() is not None:
+        self._fail(name, f"died (exit code {w.proc.returncode})", stderr=True)
 
   def _place(self, shares: Mapping[str, float]) -> float:
     if self.platform == "gpu":
@@ -236,14 +321,14 @@ class ProcessesRunner(Runner):
 
   # -- the round
   def run(self, shares=None, params=None, return_params=False) -> RunResult:
-    if not self.procs:
+    if not self.workers:
       raise RuntimeError("this runner is closed (a worker failed or close() was called); open a new one")
     shares = check_shares(self.jobs, shares)
     setup = self._place(shares)
     start_at = time.perf_counter() + 0.05 + 0.002 * len(self.jobs)
     for job in self.jobs:
       p = None if params is None else params.get(job.name)
-      self.conns[job.name].send(("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
+      self.workers[job.name].conn.send(("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
     deadline = time.perf_counter() + self.timeout_s
     stamps, out = {}, {}
     for job in self.jobs:
@@ -253,16 +338,6 @@ class ProcessesRunner(Runner):
                      out if return_params else None)
 
   def close(self):
-    for name, conn in list(self.conns.items()):
-      try:
-        conn.send(("stop",))
-      except (BrokenPipeError, OSError):
-        pass
-    for name, p in list(self.procs.items()):
-      p.join(timeout=2)
-      if p.is_alive():
-        p.kill()
-        p.join(timeout=5)
-      self.conns[name].close()
-    self.procs.clear()
-    self.conns.clear()
+    for w in self.workers.values():
+      w.stop()
+    self.workers.clear()
