@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Sequence
