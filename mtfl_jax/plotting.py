@@ -353,3 +353,24 @@ def client_round_bars(rows, title: str = "One round: each client's busy and idle
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   return fig
+
+
+def ratio_bars(values, ylabel: str, title: str = "", ref: float | None = 1.0, ref_label: str = "baseline"):
+  """Grouped bars: ``values`` maps a group (a backend, a scenario) to ``{label: ratio}``
+  (labels coloured as policies); a dashed line at ``ref``."""
+  groups = list(values)
+  labels = list(dict.fromkeys(k for g in groups for k in values[g]))
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * len(labels) * 0.45 + 2), 3.4))
+  x = np.arange(len(groups))
+  wd = 0.8 / max(1, len(labels))
+  for k, lab in enumerate(labels):
+    ax.bar(x + (k - (len(labels) - 1) / 2) * wd, [values[g].get(lab, np.nan) for g in groups], wd, label=lab,
+           color=POLICY_COLORS.get(lab))
+  if ref is not None:
+    ax.axhline(ref, c="k", lw=0.8, ls="--", label=ref_label)
+  ax.set_xticks(x, groups)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7, ncol=2)
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig

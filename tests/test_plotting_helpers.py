@@ -45,3 +45,9 @@ def test_accuracy_vs_time_and_round_bars():
          "idle_s": {"0": 2.0, "1": 0.0}}  # client 2 dropped
   fig = plotting.client_round_bars({"none": row, "deadline": row})
   assert len(fig.axes) == 2
+
+
+def test_ratio_bars():
+  fig = plotting.ratio_bars({"threads": {"equal": 1.1, "competitive": 1.2}, "processes": {"equal": 1.0}},
+                            "throughput / sequential")
+  assert len(fig.axes[0].patches) == 4  # a missing bar is drawn as NaN height
