@@ -202,3 +202,175 @@ def round_timeline(d: dict, note: str | None = None):
   _title(fig, f"Round timeline, scenario '{sc['name']}'", d['device'], note)
   fig.tight_layout()
   return fig
+
+
+# --------------------------------------------------------------------------- tutorial helpers
+# Small figures the notebooks draw from values the public API returns (profiles, RunResults,
+# rate dicts, FedResult histories); each returns a matplotlib Figure.
+
+
+def profile_bars(profiles, title: str = "Solo profiles"):
+  """Step time (log), FLOPs per step (log) and share of the matmul peak of
+  :class:`~mtfl_jax.profiling.TaskProfile` values (or their JSON dicts)."""
+  rows = [p if isinstance(p, dict) else p.to_json() for p in profiles]
+  names = [p["task"] for p in rows]
+  fig, ax = plt.subplots(1, 3, figsize=(11, 3.2))
+  ax[0].bar(names, [p["step_time_s"] * 1e3 for p in rows], color="#0072b2")
+  ax[0].set_yscale("log")
+  ax[0].set_ylabel("step time (ms, log)")
+  ax[1].bar(names, [p["flops_per_step"] / 1e6 for p in rows], color="#d55e00")
+  ax[1].set_yscale("log")
+  ax[1].set_ylabel("MFLOP per step (log)")
+  ax[2].bar(names, [100 * p["peak_fraction"] for p in rows], color="#009e73")
+  ax[2].set_ylabel("% of measured matmul peak")
+  for a in ax:
+    a.tick_params(axis="x", rotation=20)
+  fig.suptitle(f"{title} on {rows[0]['device']}" if rows else title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def op_bars(ops, title: str = "Operator breakdown", top: int = 8):
+  """FLOPs of the heaviest (layer, op, pass) rows of :func:`~mtfl_jax.profiling.op_breakdown`."""
+  ops = list(ops)[:top][::-1]
+  fig, ax = plt.subplots(figsize=(7, 0.35 * len(ops) + 1.2))
+  colors = ["#d55e00" if o["pass"] == "backward" else "#0072b2" for o in ops]
+  ax.barh([f"{o['layer']} {o['op'].split('_')[0]} ({o['pass'][:3]})" for o in ops],
+          [o["flops"] / 1e6 for o in ops], color=colors)
+  ax.set_xlabel("MFLOP per step (blue: forward, orange: backward)")
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def corun_timeline(runs, title: str = "Co-run timeline"):
+  """Gantt-like view of :class:`~mtfl_jax.backends.RunResult` values (a dict name -> run, or
+  one run): per plan, one lane per task from the common start to its finish, a tick at each
+  step's completion, and the plan's makespan as a black bar."""
+  runs = runs if isinstance(runs, dict) else {getattr(runs, "backend", "run"): runs}
+  tasks = sorted({t for r in runs.values() for t in r.finish_times_s})
+  fig, ax = plt.subplots(figsize=(9, 0.5 + 0.32 * len(tasks) * len(runs) + 0.3 * len(runs)))
+  y, yt, yl = 0.0, [], []
+  for name, r in runs.items():
+    for j, t in enumerate(tasks):
+      if t not in r.finish_times_s:
+        continue
+      ax.barh(y, r.finish_times_s[t], 0.7, color=plt.cm.tab10(j), alpha=0.35,
+              label=t if name == next(iter(runs)) else None)
+      st = np.asarray(r.step_times_s.get(t, ()), float)
+      st = st[np.isfinite(st)]
+      ax.plot(st, np.full(len(st), y), "|", color=plt.cm.tab10(j), ms=7)
+      yt.append(y)
+      yl.append(f"{name}: {t}")
+      y += 1
+    ax.plot([r.makespan_s] * 2, [y - len(tasks) - 0.45, y - 0.55], c="k", lw=2.5)
+    y += 0.6
+  ax.set_yticks(yt, yl, fontsize=8)
+  ax.invert_yaxis()
+  ax.set_xlabel("seconds from the common start (ticks: step completions; black: makespan)")
+  ax.legend(fontsize=8, loc="lower right")
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def rates_parity(cases, title: str = "Virtual resources: model vs measurement"):
+  """Predicted against measured virtual resources ``r_i``; ``cases`` maps a label (e.g. the
+  shares) to ``(predicted, measured)`` dicts task -> r. Points on the diagonal: exact."""
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [1, 1.6]})
+  tasks = sorted({t for p, _ in cases.values() for t in p})
+  marks = "osD^v<>"
+  top = 0.0
+  for k, (label, (pred, meas)) in enumerate(cases.items()):
+    for j, t in enumerate(tasks):
+      if t in pred and t in meas:
+        ax[0].plot(meas[t], pred[t], marks[k % len(marks)], color=plt.cm.tab10(j), ms=7,
+                   label=f"{t}" if k == 0 else None)
+        top = max(top, pred[t], meas[t])
+  ax[0].plot([0, top * 1.1], [0, top * 1.1], "k:", lw=1)
+  ax[0].set_xlabel("measured r")
+  ax[0].set_ylabel("predicted r")
+  ax[0].legend(fontsize=8)
+  x = np.arange(len(cases))
+  wd = 0.8 / (2 * max(1, len(tasks)))
+  for j, t in enumerate(tasks):
+    for m, (src, hatch) in enumerate((("predicted", "//"), ("measured", None))):
+      vals = [c[m].get(t, np.nan) for c in cases.values()]
+      ax[1].bar(x + (2 * j + m - len(tasks) + 0.5) * wd, vals, wd, color=plt.cm.tab10(j), hatch=hatch,
+                alpha=0.6 if m == 0 else 1.0, label=f"{t} {src}")
+  ax[1].set_xticks(x, list(cases), fontsize=8)
+  ax[1].set_ylabel("virtual resource r")
+  ax[1].legend(fontsize=7, ncol=2)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def accuracy_vs_time(histories, budget_s: float | None = None, title: str = "Accuracy vs virtual time"):
+  """Per task, test accuracy (or mIoU) against virtual time; ``histories`` maps a policy to a
+  ``FedResult.history`` (rows with ``virtual_time_s`` and, when evaluated, ``accuracy``)."""
+  tasks = sorted({t for h in histories.values() for row in h for t in row.get("accuracy", {})})
+  fig, ax = plt.subplots(1, max(1, len(tasks)), figsize=(4.3 * max(1, len(tasks)), 3.4), squeeze=False)
+  for a, t in zip(ax[0], tasks):
+    for p, h in histories.items():
+      pts = [(r["virtual_time_s"], r["accuracy"][t]) for r in h if t in r.get("accuracy", {})]
+      if pts:
+        a.plot(*zip(*pts), "o-", ms=3, label=p, color=POLICY_COLORS.get(p))
+    if budget_s is not None:
+      a.axvline(budget_s, c="k", lw=0.8, ls="--", label="time budget")
+    a.set_xlabel("virtual time (s)")
+    a.set_ylabel("test mIoU" if "unet" in t else "test accuracy")
+    a.set_title(t, fontsize=9)
+  ax[0][0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def client_round_bars(rows, title: str = "One round: each client's busy and idle time"):
+  """Per policy, one ``FedResult.history`` row drawn as bars: each sampled client's busy time
+  (``client_time_s``), its wait for the slowest (``idle_s``), dropped clients hatched, and the
+  round's length (``round_time_s``)."""
+  fig, ax = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 0.25 * max(len(r["client_time_s"]) for r in rows.values()) + 1.6),
+                         sharex=True, squeeze=False)
+  for a, (p, r) in zip(ax[0], rows.items()):
+    clients = sorted(r["client_time_s"], key=int)
+    busy = [r["client_time_s"][c] for c in clients]
+    live = [c in r["idle_s"] for c in clients]
+    y = np.arange(len(clients))
+    a.barh(y, [b if ok else 0 for b, ok in zip(busy, live)], color=POLICY_COLORS.get(p, "#0072b2"), label="busy")
+    gone = [i for i, ok in enumerate(live) if not ok]
+    if gone:
+      a.barh(gone, [min(busy[i], r["round_time_s"]) for i in gone], color="white", edgecolor="k", hatch="//",
+             label="dropped")
+    a.barh(y, [r["idle_s"].get(c, 0.0) for c in clients], left=[b if ok else 0 for b, ok in zip(busy, live)],
+           color="#dddddd", label="idle (waiting)")
+    a.axvline(r["round_time_s"], c="k", lw=1)
+    a.set_yticks(y, [f"client {c}" for c in clients], fontsize=8)
+    a.set_xlabel("virtual seconds")
+    a.set_title(f"{p}: round {r.get('round', '?')} lasts {r['round_time_s']:.2f} s", fontsize=9)
+  ax[0][0].legend(fontsize=7)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def ratio_bars(values, ylabel: str, title: str = "", ref: float | None = 1.0, ref_label: str = "baseline"):
+  """Grouped bars: ``values`` maps a group (a backend, a scenario) to ``{label: ratio}``
+  (labels coloured as policies); a dashed line at ``ref``."""
+  groups = list(values)
+  labels = list(dict.fromkeys(k for g in groups for k in values[g]))
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * len(labels) * 0.45 + 2), 3.4))
+  x = np.arange(len(groups))
+  wd = 0.8 / max(1, len(labels))
+  for k, lab in enumerate(labels):
+    ax.bar(x + (k - (len(labels) - 1) / 2) * wd, [values[g].get(lab, np.nan) for g in groups], wd, label=lab,
+           color=POLICY_COLORS.get(lab))
+  if ref is not None:
+    ax.axhline(ref, c="k", lw=0.8, ls="--", label=ref_label)
+  ax.set_xticks(x, groups)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7, ncol=2)
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig
