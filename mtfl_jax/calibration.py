@@ -95,7 +95,8 @@ def write_store(store: dict, path: str | Path | None = None) -> Path:
   return write_json(Path(path or store_path()), store)
 
 
-def load_model(tasks: Sequence[str | Task], backend: str = "processes", path: str | Path | None = None) -> VRModel | None:
+def load_model(tasks: Sequence[str | Task], backend: str = "processes",
+               path: str | Path | None = None) -> VRModel | None:
   """The stored model of the mix, or None when the store has none."""
   path = Path(path or store_path())
   entry = read_store(path)["mixes"].get(store_key(tasks, backend))

@@ -11,10 +11,10 @@ virtual second: a step of task i counts its solo step time ``s_i`` (``VRModel.so
 ``samples_per_s`` is the plain sample rate.
 
 The virtual clock's model of each task mix is fitted once per machine from a measured co-run
-and kept in ``data/profiles/vr_<device>.json`` (:func:`mtfl_jax.calibration.load_or_calibrate`); the same store
-keeps measured co-runs of the scenarios' most frequent client workload mixes under equal and
-competitive shares (:func:`load_or_measure_corrections`), which the clock uses instead of
-the model for clients of those mixes. Delete the file to re-measure.
+and kept in ``data/profiles/vr_<device>.json`` (:func:`mtfl_jax.calibration.load_or_calibrate`,
+on ``clock_backend``); the same store keeps measured co-runs of the scenarios' most frequent
+client workload mixes under equal and competitive shares (:func:`load_or_measure_corrections`),
+which the clock uses instead of the model for clients of those mixes. Delete the file to re-measure.
 
 Example::
 
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from mtfl_jax.calibration import load_or_calibrate, read_store, store_path, write_store
