@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 MODE ?= --quick
 OUT ?= results
 
-.PHONY: demo test install clean gpu-record gpu-record-dry gpu-wheels
+.PHONY: demo test bench install clean gpu-record gpu-record-dry gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax notebooks
 
-# The GPU recording (docs/gpu_recording.md): `gpu-wheels` here, `gpu-record` on the GPU machine,
-# `gpu-record-dry` its CPU dry run here (tarball in /tmp/gpu_record_out).
+# The two benchmarks side by side (benchmarks/*.py; mtfl_jax/experiments/bench_*.py).
+bench: $(VENV)/.installed
+	$(PY) benchmarks/cosched.py $(MODE)
+	$(PY) benchmarks/federated.py $(MODE)
+
+# The GPU recording (docs/gpu_recording.md; its driver is mtfl_jax/experiments/gpu_record.py):
+# `gpu-wheels` here, `gpu-record` on the GPU machine, `gpu-record-dry` its CPU dry run here
+# (tarball in /tmp/gpu_record_out).
 gpu-wheels:
 	bash scripts/gpu_fetch_wheels.sh
 

@@ -2,8 +2,12 @@
 
     python benchmarks/cosched.py [--full] [--json FILE]
 
-Same as ``python -m mtfl_jax bench cosched``; prints a table of makespans and the ratios
-(competitive vs sequential, competitive vs equal) measured in this one run.
+Same as ``python -m mtfl_jax bench cosched``: runs
+:func:`mtfl_jax.experiments.bench_cosched.bench_cosched` over the scenarios of
+:mod:`mtfl_jax.experiments.scenarios` and prints a table of makespans (medians and spreads of
+interleaved repeats) and the ratios measured in this one run: each policy against
+``grid_best``, competitive against sequential and against equal, beside the paper's speedup
+(:mod:`mtfl_jax.experiments.paper`).
 """
 import sys
 

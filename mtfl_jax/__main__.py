@@ -41,16 +41,17 @@ def _bench(args):
   if args.json:
     check_writable(args.json, "--json")
   if args.which == "cosched":
-    from mtfl_jax.bench_cosched import bench_cosched
+    from mtfl_jax.experiments.bench_cosched import bench_cosched
     bench_cosched(quick=not args.full, json_path=args.json)
   else:
-    from mtfl_jax.bench_federated import bench_federated, vr_store_path
-    check_writable(vr_store_path(), "calibration store")
+    from mtfl_jax.calibration import store_path
+    from mtfl_jax.experiments.bench_federated import bench_federated
+    check_writable(store_path(), "calibration store")
     bench_federated(quick=not args.full, json_path=args.json)
 
 
 def _reproduce(args):
-  from mtfl_jax.reproduce import reproduce
+  from mtfl_jax.experiments.reproduce import reproduce
   from mtfl_jax.results import check_writable
   check_writable(args.out, "--out", directory=True)
   reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded, seed=args.seed)
@@ -59,7 +60,7 @@ def _reproduce(args):
 def _interrupted(args) -> str:
   """What an interrupted command kept, and how to resume it."""
   if args.cmd == "reproduce":
-    from mtfl_jax.reproduce import EXPERIMENTS
+    from mtfl_jax.experiments.reproduce import EXPERIMENTS
     raw = Path(args.out) / "raw"
     if args.from_recorded:
       return "interrupted: nothing was measured; rerun the same command to redraw"
@@ -71,8 +72,8 @@ def _interrupted(args) -> str:
   if args.cmd == "bench":
     kept = ""
     if args.which == "federated":
-      from mtfl_jax.bench_federated import vr_store_path
-      kept = f"; calibrations measured so far are kept in {vr_store_path()} and not measured again"
+      from mtfl_jax.calibration import store_path
+      kept = f"; calibrations measured so far are kept in {store_path()} and not measured again"
     return (f"interrupted: no results written{' to ' + args.json if args.json else ''} (the benchmark writes "
             f"them when it ends){kept}; rerun the same command")
   if args.cmd == "download":

@@ -38,6 +38,7 @@ import numpy as np
 
 from mtfl_jax.backends import Job, RunResult, Runner, backend_names, open_backend
 from mtfl_jax.backends.base import check_jobs
+from mtfl_jax.calibration import calibrate  # re-exported: run_round and choose_backend fit with it
 from mtfl_jax.vresource import VRModel
 
 MODEL_POLICIES = ("sequential", "equal", "partitioned", "competitive")  # need no measurement
@@ -61,11 +62,6 @@ class Plan:
 
 def workloads_of(jobs: Sequence[Job]) -> dict[str, int]:
   return {j.name: int(j.steps) for j in jobs}
-
-
-def calibrate(runner: Runner) -> VRModel:
-  """Fits the virtual-resource model of a runner's task mix from one equal-share co-run."""
-  return VRModel.fit(runner.solo_step_s, runner.run(None))
 
 
 def plan_shares(policy: str, workloads: Mapping[str, int], model: VRModel) -> dict[str, float]:
@@ -243,8 +239,7 @@ def choose_backend(jobs: Sequence[Job], candidates: Sequence[str] = ("processes"
   times = {}
   for name in candidates:
     with open_backend(name, jobs, **backend_kwargs.get(name, {})) as runner:
-      runner.run(None)  # warm-up
-      plan = make_plan("competitive", jobs, calibrate(runner), name)
+      plan = make_plan("competitive", jobs, calibrate(runner, warmup=True), name)
       times[name] = runner.run(plan.shares).makespan_s
   return min(times, key=times.get), times
 

@@ -15,7 +15,7 @@ federated simulation indexes them at random.
 Example::
 
     ds = load_dataset("mtfl_digits")
-    ds.x_train.shape   # (1437, 8, 8, 1)
+    ds.x_train.shape   # (1438, 8, 8, 1)
 """
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
-"""The six figures, each drawn from its JSON (so recorded runs can be redrawn anywhere)."""
+"""The six figures, each drawn from its JSON (so recorded runs can be redrawn anywhere).
+
+The paper's numbers come from the JSON's ``paper`` field (written by the experiments), not
+from here. No matplotlib backend is chosen here, so figures show inline in Jupyter; code that
+only saves files (``reproduce``) picks a non-interactive one itself.
+"""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 POLICY_COLORS = {"sequential": "#888888", "equal": "#e69f00", "partitioned": "#56b4e9",
                  "competitive": "#009e73", "auto": "#cc79a7", "grid_best": "#0072b2", "none": "#888888",
@@ -63,7 +65,9 @@ def fig2_sharing(d: dict, note: str | None = None):
       err = [lo, hi]
     ax[0].bar(x + (k - (len(pols) - 1) / 2) * width, ys, width, yerr=err, capsize=2, label=p,
               color=POLICY_COLORS[p])
-  ax[0].axhline(d.get("paper", {}).get("training_speedup", 2.1), ls="--", c="k", lw=1, label="paper: 2.1x")
+  paper = d.get("paper", {}).get("training_speedup")
+  if paper is not None:
+    ax[0].axhline(paper, ls="--", c="k", lw=1, label=f"paper: {paper:g}x")
   ax[0].set_xticks(x, [f"{s['name']}\n({s['backend']})" for s in sc])
   ax[0].set_ylabel("throughput / sequential (medians)")
   ax[0].legend(fontsize=7, ncol=2)
@@ -140,8 +144,10 @@ def fig5_fl_throughput(d: dict, note: str | None = None):
            color=POLICY_COLORS[p])
     ax.plot(off, [s["samples_per_s"][p] / s["samples_per_s"]["none"] for s in sc], "k.",
             label="samples/s ratio" if k == 0 else None)
-  lo, hi = d.get("paper", {}).get("fl_throughput_gain", (2.16, 2.38))
-  ax.axhspan(lo, hi, color="k", alpha=0.12, label=f"paper: {lo}-{hi}x")
+  paper = d.get("paper", {}).get("fl_throughput_gain")
+  if paper is not None:
+    lo, hi = paper
+    ax.axhspan(lo, hi, color="k", alpha=0.12, label=f"paper: {lo:g}-{hi:g}x")
   ax.set_xticks(x, [s["name"] for s in sc])
   ax.set_ylabel("work per virtual second / none")
   ax.legend(fontsize=8)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import platform
 import re
@@ -32,6 +31,7 @@ import numpy as np
 from mtfl_jax.data import default_data_dir, load_dataset
 from mtfl_jax.results import read_json, reading, write_json
 from mtfl_jax.tasks import Task, get_task
+from mtfl_jax.timing import time_calls
 from mtfl_jax.train import init_state, make_train_step, param_count, sample_batches
 
 
@@ -63,13 +63,7 @@ def device_peak_flops(n: int | None = None, repeats: int = 5) -> float:
   n = n or (2048 if jax.default_backend() == "cpu" else 8192)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(f(a))
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a))
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best
+  return 2.0 * n ** 3 / min(time_calls(lambda: f(a), repeats=repeats))
 
 
 # --------------------------------------------------------------------------- cost analysis

@@ -11,7 +11,6 @@ Example::
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable
 
 import flax.struct
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 
 from mtfl_jax.tasks import Task, get_task
+from mtfl_jax.timing import time_calls
 
 Batch = dict[str, jax.Array]
 
@@ -123,34 +123,40 @@ def _local_update(step_fn, num_steps: int, mode: str):
   return local_update
 
 
-# (task name, batch size, num_steps, platform) -> "unroll" | "scan", measured once per process.
+# Steps up to which the rule unrolls whatever the task: compile time grows with every
+# unrolled step, but a few unrolled steps compile quickly and XLA CPU runs them fastest.
+UNROLL_MAX = 8
+
+# (task, num_steps, platform) -> "unroll" | "scan", measured once per process.
 _MODE_CACHE: dict[tuple, str] = {}
 
 
-def choose_local_mode(task: Task, num_steps: int, repeats: int = 3) -> str:
-  """Measures ``num_steps`` unrolled steps against a ``lax.scan`` of them on this device and
-  returns the faster ("unroll" or "scan"). Cached per process."""
+def choose_local_mode(task: Task, num_steps: int, repeats: int = 3, measure: bool = True) -> str:
+  """How to run ``num_steps`` local steps in one program: "unroll" or "scan".
+
+  With ``measure`` (cached per process): both are run on this device and the faster wins.
+  Without, the rule every caller shares: unroll up to :data:`UNROLL_MAX` steps, and any
+  number of steps of a task with convolutions (XLA CPU runs scanned convolution steps 4-25x
+  slower than unrolled ones, measured here); scan the rest.
+  """
   task = get_task(task)
+  if not measure:
+    return "unroll" if num_steps <= UNROLL_MAX or has_convolution(task) else "scan"
   key = (task, num_steps, jax.default_backend())
   if key not in _MODE_CACHE:
     state = init_state(task, 0)
     batches = synthetic_batches(task, num_steps)
 
-    def timed(mode, n):
-      fn = jax.jit(_local_update(make_train_step(task), num_steps, mode))
-      jax.block_until_ready(fn(state, batches))
-      runs = []
-      for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(state, batches))
-        runs.append(time.perf_counter() - t0)
-      return min(runs)
+    fns = {m: jax.jit(_local_update(make_train_step(task), num_steps, m)) for m in ("unroll", "scan")}
+
+    def timed(mode, n, warmup=1):  # the first call compiles
+      return min(time_calls(lambda: fns[mode](state, batches), repeats=n, warmup=warmup))
 
     unroll = timed("unroll", repeats)
     scan = timed("scan", 1)
     # one scan run that is already 1.5x slower settles it (a slow scan of a CNN can cost seconds)
-    if scan < 1.5 * unroll:
-      scan = min(scan, timed("scan", repeats - 1)) if repeats > 1 else scan
+    if scan < 1.5 * unroll and repeats > 1:
+      scan = min(scan, timed("scan", repeats - 1, warmup=0))
     _MODE_CACHE[key] = "scan" if scan < unroll else "unroll"
   return _MODE_CACHE[key]
 

@@ -17,9 +17,13 @@ Workload-weighted ("competitive") shares make every task finish together: with s
 ``T_i = W_i * s_i``, weights ``w_i ∝ T_i * u_i`` give ``r_i ∝ T_i`` and the makespan
 ``T = max(max_i T_i, sum_i T_i * u_i)``.
 
+Fitting a mix's model from a runner, caching it and storing it per device:
+:mod:`mtfl_jax.calibration`.
+
 Example::
 
     model = VRModel.fit(solo_step_s, equal_run)          # equal_run: a RunResult
+    VRModel.from_json(model.to_json()) == model
     shares = model.competitive_shares(workloads)          # {task: share}, max share 1
     model.predict(workloads, shares).makespan_s
 """
@@ -77,6 +81,20 @@ class VRModel:
   solo_step_s: dict[str, float]
   demand: dict[str, float]
   fitted_rates: dict[str, float]
+
+  def to_json(self) -> dict:
+    return {"solo_step_s": dict(self.solo_step_s), "demand": dict(self.demand),
+            "fitted_rates": dict(self.fitted_rates)}
+
+  @classmethod
+  def from_json(cls, doc: Mapping) -> "VRModel":
+    """From :meth:`to_json`'s dict (other fields are ignored); the three maps must name the
+    same tasks."""
+    maps = {k: {str(n): float(v) for n, v in doc[k].items()} for k in ("solo_step_s", "demand", "fitted_rates")}
+    if not maps["solo_step_s"] or len({frozenset(m) for m in maps.values()}) != 1:
+      raise ValueError("a virtual-resource model needs solo_step_s, demand and fitted_rates over the same "
+                       f"tasks; got {({k: sorted(m) for k, m in maps.items()})}")
+    return cls(**maps)
 
   @classmethod
   def fit(cls, solo_step_s: Mapping[str, float], equal_run, iterations: int = 60) -> "VRModel":

@@ -74,11 +74,11 @@ export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENT
 # 5. The recording, stopped at PY_TIMEOUT_S whatever happens.
 ARGS=(--out "$REC" --budget-s "$BUDGET_S")
 [ $DRY = 1 ] && ARGS+=(--dry-run)
-timeout -k 10 "$PY_TIMEOUT_S" $PY -m mtfl_jax.gpu_record "${ARGS[@]}" "$@"
+timeout -k 10 "$PY_TIMEOUT_S" $PY -m mtfl_jax.experiments.gpu_record "${ARGS[@]}" "$@"
 rc=$?
 echo "== recording exit code $rc after $(( $(date +%s) - t0 ))s"
 if [ $rc != 0 ]; then  # killed or crashed: the report from what finished
-  timeout -k 5 45 $PY -m mtfl_jax.gpu_record --out "$REC" --finish || echo "WARNING: --finish failed"
+  timeout -k 5 45 $PY -m mtfl_jax.experiments.gpu_record --out "$REC" --finish || echo "WARNING: --finish failed"
 fi
 if [ "$MPS" = started ]; then echo quit | nvidia-cuda-mps-control && echo "MPS stopped"; fi
 

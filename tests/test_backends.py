@@ -111,8 +111,8 @@ def _children():
 
 @pytest.mark.parametrize("fault,match", [("crash", "died \\(exit code 3\\)"), ("hang", "did not answer")])
 def test_failed_worker_is_named_and_reaped(fault, match):
-  jobs = [Job("digits_mlp", 5, fault=fault), Job("mnist_lenet", 3)]
-  r = open_backend("processes", jobs, timeout_s=8)
+  jobs = [Job("digits_mlp", 5), Job("mnist_lenet", 3)]
+  r = open_backend("processes", jobs, timeout_s=8, _faults={"digits_mlp": fault})
   pids = [p.pid for p in r.procs.values()]
   t0 = time.perf_counter()
   with pytest.raises(WorkerError, match=f"worker for task 'digits_mlp' {match}"):

@@ -74,13 +74,13 @@ def test_read_json_names_the_file_and_the_remedy(tmp_path):
 
 
 def test_truncated_calibration_and_profile_stores(tmp_path):
-  from mtfl_jax.bench_federated import load_or_calibrate
+  from mtfl_jax.calibration import load_or_calibrate
   from mtfl_jax.profiling import load_profiles
   store = tmp_path / "vr_dev.json"
   store.write_text(json.dumps({"device": "d", "mixes": {"a,b": {"solo_step_s": {"a": 1}}}}, indent=1))
   _truncate(store)
   with pytest.raises(BadFileError, match=f"calibration store {store} is not valid JSON.*delete it to re-measure"):
-    load_or_calibrate(("a", "b"), store)
+    load_or_calibrate(("a", "b"), path=store)
   prof = tmp_path / "dev.json"
   prof.write_text('{"device": "d", "profiles": [{"task": ')
   with pytest.raises(BadFileError, match=f"profile file {prof} is not valid JSON"):

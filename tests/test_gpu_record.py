@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mtfl_jax import gpu_record
+from mtfl_jax.experiments import gpu_record
 from mtfl_jax.trace_overlap import measure_overlap, merge, overlap
 
 REPO = Path(__file__).resolve().parents[1]

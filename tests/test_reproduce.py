@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mtfl_jax.reproduce import FIGURE_SOURCES, reproduce
+from mtfl_jax.experiments.reproduce import FIGURE_SOURCES, reproduce
 
 
 @pytest.fixture(scope="module")

@@ -142,3 +142,19 @@ def test_profile_cli_writes_the_documented_json(tmp_path):
 
 def test_has_convolution():
   assert mt.train.has_convolution("mnist_lenet") and not mt.train.has_convolution("digits_mlp")
+
+
+def test_unroll_or_scan_rule_is_one_function():
+  rule = lambda t, k: mt.train.choose_local_mode(t, k, measure=False)  # noqa: E731
+  n = mt.train.UNROLL_MAX
+  assert rule("digits_mlp", n) == "unroll" and rule("digits_mlp", n + 1) == "scan"
+  assert rule("mnist_lenet", 10 * n) == "unroll"  # convolutions: scanned steps are slow on XLA CPU
+
+
+def test_time_calls_compiles_untimed_then_times_each_call():
+  from mtfl_jax.timing import time_calls
+  calls = []
+  times = time_calls(lambda: calls.append(1) or jax.numpy.zeros(3), repeats=4, warmup=2)
+  assert len(times) == 4 and len(calls) == 6 and all(t >= 0 for t in times)
+  with pytest.raises(ValueError, match="repeats >= 1"):
+    time_calls(lambda: 0, repeats=0)

@@ -170,7 +170,7 @@ def test_auto_backend_is_chosen_by_measurement(monkeypatch):
       return RunResult(self.name, {}, t, {j.name: t for j in self.jobs}, {}, 0.0)
 
   monkeypatch.setattr(cs, "open_backend", lambda name, jobs, **kw: Fake(name, jobs))
-  monkeypatch.setattr(cs, "calibrate", lambda r: VRModel({"digits_mlp": 1.0, "mnist_lenet": 1.0},
+  monkeypatch.setattr(cs, "calibrate", lambda r, warmup=False: VRModel({"digits_mlp": 1.0, "mnist_lenet": 1.0},
                                                           {"digits_mlp": 1.0, "mnist_lenet": 1.0}, {}))
   jobs = [Job("digits_mlp", 2), Job("mnist_lenet", 6)]
   best, times = mt.choose_backend(jobs, candidates=("processes", "threads", "fused"))

@@ -21,23 +21,18 @@ class Job:
   training split (all of it when None) in an order seeded by ``seed``. ``task`` is a
   :class:`Task` (yours or a built-in) or a registered name; a model that does not fit its
   data fails here, before any worker starts.
-
-  ``fault`` is for testing failure handling: "crash" or "hang" makes a worker fail.
   """
   task: Task
   steps: int
   seed: int = 0
   indices: Any = dataclasses.field(default=None, compare=False, hash=False)
   allow_synthetic: bool = True
-  fault: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "task", get_task(self.task).check())
     if not (isinstance(self.steps, (int, np.integer)) and self.steps >= 1):
       raise ValueError(f"job for task '{self.task.name}': steps must be a positive integer, "
                        f"got {self.steps!r}")
-    if self.fault not in (None, "crash", "hang"):
-      raise ValueError(f"fault must be None, 'crash' or 'hang', got {self.fault!r}")
 
   @property
   def name(self) -> str:

@@ -6,11 +6,11 @@ its own XLA stream (:mod:`mtfl_jax.streams`), so XLA can run the tasks concurren
 to float rounding only (XLA fuses a non-inlined call differently). XLA CPU runs
 one op at a time per program, so on a CPU this backend shows the cost of fusion, not a gain.
 
-Shares become steps per slice (:func:`slice_schedule`): a task's steps are unrolled, except
-that more than ``UNROLL_MAX`` steps of a task without convolutions become a ``lax.scan``
-(compile time grows with every unrolled step, and XLA CPU runs scanned convolution steps
-4-25x slower than unrolled ones, measured in ``train.choose_local_mode``). One program is
-compiled ahead of time per distinct row of the schedule (at most a handful) and cached.
+Shares become steps per slice (:func:`slice_schedule`): a task's steps are unrolled or
+become a ``lax.scan`` by the rule of :func:`mtfl_jax.train.choose_local_mode` (without
+measuring: a slice's programs compile ahead of time and must not time candidates). One
+program is compiled ahead of time per distinct row of the schedule (at most a handful) and
+cached.
 """
 from __future__ import annotations
 
@@ -23,12 +23,7 @@ import numpy as np
 from mtfl_jax import streams
 from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_shares, fetch_params, initial_state,
                                     register, slice_schedule)
-from mtfl_jax.train import has_convolution, make_train_step
-
-
-# Steps of one task up to which a slice unrolls them (XLA CPU runs unrolled conv steps ~4-25x
-# faster than lax.scan, but compile time grows with every unrolled step).
-UNROLL_MAX = 8
+from mtfl_jax.train import choose_local_mode, make_train_step
 
 
 def make_fused_slice(tasks, counts, use_streams: bool):
@@ -37,7 +32,7 @@ def make_fused_slice(tasks, counts, use_streams: bool):
   steps = [make_train_step(t) for t in tasks]
 
   def run_task(task, step, k, state, b):
-    if k > UNROLL_MAX and not has_convolution(task):
+    if choose_local_mode(task, k, measure=False) == "scan":
       state, _ = jax.lax.scan(step, state, b)
       return state
     for s in range(k):

@@ -17,7 +17,8 @@ Shares become the operating system's knobs:
 
 Workers that crash or do not answer within ``timeout_s`` are reported by task name (with
 the end of their stderr; an exception raised in a worker arrives with its traceback) and all
-workers are reaped: no hang, no orphan process.
+workers are reaped: no hang, no orphan process. (Tests make a worker crash or hang on purpose
+with the runner's private ``_faults`` argument.)
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ class WorkerError(RuntimeError):
 # again in every worker), while `python -c` imports nothing of the user's. The job arrives
 # cloudpickled, so a model class defined in a script or notebook travels by value.
 _WORKER_CMD = "from mtfl_jax.backends.processes import _serve; _serve()"
+# For tests of failure handling only: "crash" or "hang" makes the worker fail at its next run.
+_FAULT_ENV = "MTFL_TEST_WORKER_FAULT"
 
 
 def _serve():
@@ -80,9 +83,10 @@ def _worker_main(conn):
         conn.send(("solo", time_solo(step, state, feed, job.steps)))
       elif msg[0] == "run":
         _, start_at, params, return_params, every = msg
-        if job.fault == "crash":
+        fault = os.environ.get(_FAULT_ENV)
+        if fault == "crash":
           os._exit(3)
-        if job.fault == "hang":
+        if fault == "hang":
           time.sleep(1e9)
         state = init_state(job.task, job.seed, params)  # params: this job's own (the parent picked them)
         jax.block_until_ready(state)
@@ -230,8 +234,14 @@ class ProcessesRunner(Runner):
   name = "processes"
 
   def __init__(self, jobs, timeout_s: float = 600.0, start_timeout_s: float = 600.0,
-               platform: str | None = None, use_mps: bool = True):
+               platform: str | None = None, use_mps: bool = True, _faults: Mapping[str, str] | None = None):
+    """``_faults`` (tests only): ``{task: "crash" | "hang"}`` makes that task's worker fail
+    when it is asked to run."""
     super().__init__(jobs)
+    bad = {n: f for n, f in (_faults or {}).items() if f not in ("crash", "hang")}
+    if bad:
+      raise ValueError(f"_faults must map tasks to 'crash' or 'hang', got {bad}")
+    self._faults = dict(_faults or {})
     import jax
     self.platform = platform or jax.default_backend()
     self.timeout_s = timeout_s  # a run or a solo measurement
@@ -261,6 +271,7 @@ class ProcessesRunner(Runner):
     t0 = time.perf_counter()
     self.close()
     env = dict(os.environ)
+    env.pop(_FAULT_ENV, None)  # only a fault asked for below reaches a worker
     env["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     # the parent's import path, so mtfl_jax and modules the job refers to import the same
@@ -269,7 +280,8 @@ class ProcessesRunner(Runner):
       for job in self.jobs:
         if self.use_mps:
           env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
-        self.workers[job.name] = _Worker(self.job_bytes[job.name], dict(env))
+        fault = {_FAULT_ENV: self._faults[job.name]} if job.name in self._faults else {}
+        self.workers[job.name] = _Worker(self.job_bytes[job.name], {**env, **fault})
     except BaseException:
       self.close()  # no worker outlives a failed start
       raise

@@ -8,15 +8,15 @@ run (for example a GPU run kept under ``data/recorded/``) without measuring anyt
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
+from mtfl_jax.experiments.paper import PAPER, fl_gain_text, speedup_text
+from mtfl_jax.experiments.scenarios import COSCHED_SCENARIOS, FED_SCENARIOS, FedScenario, Scenario
 from mtfl_jax.profiling import device_name, device_slug
 from mtfl_jax.results import check_writable, read_json, reading, write_json
-
-PAPER = {"training_speedup": 2.1, "fl_throughput_gain": (2.16, 2.38)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,17 +24,18 @@ class ReproConfig:
   mode: str
   profile_tasks: tuple = ("digits_mlp", "mnist_lenet", "cifar_resnet", "shapes_unet")
   profile_repeats: int = 20
-  cosched_scenarios: tuple | None = None  # None: bench_cosched.SCENARIOS
+  cosched_scenarios: tuple | None = None  # None: scenarios.COSCHED_SCENARIOS
   cosched_total_s: float = 1.0  # solo work per round
   cosched_backends: tuple = ("processes", "threads", "fused")
   repeats: int = 3  # interleaved co-scheduling repeats (medians and spreads)
   vr_tasks: tuple = ("digits_mlp", "mnist_lenet", "shapes_unet")
   vr_grid: tuple = (0.2, 0.5, 1.0)
-  fed_scenarios: tuple | None = None  # None: bench_federated.SCENARIOS
+  fed_scenarios: tuple | None = None  # None: scenarios.FED_SCENARIOS
   fed_rounds: int = 6
   fed_clients: int = 10
   fed_per_round: int = 5
   sim_tasks: tuple = ("digits_mlp", "mnist_lenet")
+  clock_backend: str = "processes"  # where the federated clock's model is calibrated
 
 
 def config(mode: str) -> ReproConfig:
@@ -47,8 +48,6 @@ def config(mode: str) -> ReproConfig:
     return ReproConfig("full", profile_repeats=50, cosched_total_s=8.0, repeats=5,
                        vr_grid=(0.1, 0.25, 0.5, 0.75, 1.0), fed_rounds=40, fed_per_round=10)
   if mode == "tiny":  # for tests: every code path, seconds of measurement
-    from mtfl_jax.bench_cosched import Scenario
-    from mtfl_jax.bench_federated import FedScenario
     return ReproConfig("tiny", profile_tasks=("digits_mlp", "mnist_lenet"), profile_repeats=3,
                        cosched_scenarios=(Scenario("tiny", ("digits_mlp", "mnist_lenet"), (1.0, 3.0)),),
                        cosched_total_s=0.4, cosched_backends=("processes", "threads"), repeats=2,
@@ -78,21 +77,21 @@ def exp_workloads(cfg: ReproConfig, seed: int, log) -> dict:
 
 
 def exp_cosched(cfg: ReproConfig, seed: int, log) -> dict:
-  from mtfl_jax.bench_cosched import SCENARIOS, bench_cosched
-  return bench_cosched(quick=cfg.mode != "full", scenarios=cfg.cosched_scenarios or SCENARIOS,
+  from mtfl_jax.experiments.bench_cosched import bench_cosched
+  return bench_cosched(quick=cfg.mode != "full", scenarios=cfg.cosched_scenarios or COSCHED_SCENARIOS,
                        backends=cfg.cosched_backends, repeats=cfg.repeats, total_s=cfg.cosched_total_s, log=log)
 
 
 def exp_vresource(cfg: ReproConfig, seed: int, log) -> dict:
-  from mtfl_jax.bench_cosched import measure_vr_curves
+  from mtfl_jax.experiments.bench_cosched import measure_vr_curves
   return measure_vr_curves(cfg.vr_tasks, cfg.vr_grid, log=log)
 
 
 def exp_federated(cfg: ReproConfig, seed: int, log) -> dict:
-  from mtfl_jax.bench_federated import SCENARIOS, bench_federated
-  return bench_federated(quick=cfg.mode != "full", scenarios=cfg.fed_scenarios or SCENARIOS, seed=seed,
+  from mtfl_jax.experiments.bench_federated import bench_federated
+  return bench_federated(quick=cfg.mode != "full", scenarios=cfg.fed_scenarios or FED_SCENARIOS, seed=seed,
                          rounds=cfg.fed_rounds, num_clients=cfg.fed_clients, per_round=cfg.fed_per_round,
-                         simulator_tasks=cfg.sim_tasks, log=log)
+                         simulator_tasks=cfg.sim_tasks, log=log, clock_backend=cfg.clock_backend)
 
 
 EXPERIMENTS = {"workloads": exp_workloads, "cosched": exp_cosched, "vresource": exp_vresource,
@@ -127,7 +126,7 @@ def _sharing_note(cs: dict) -> str:
                  f"{rng('equal')}, competitive {s['makespan_s']['competitive']:.2f}s{rng('competitive')}, auto "
                  f"{s['makespan_s']['auto']:.2f}s, grid_best {s['makespan_s']['grid_best']:.2f}s; auto / grid_best "
                  f"{s['vs_grid_best']['auto']:.2f}, competitive / equal {_ratio(s, 'competitive', 'equal'):.2f}")
-  return ". ".join(parts) + ". Paper's 2.1x was on a GPU."
+  return ". ".join(parts) + f". Paper's {speedup_text()} was on a GPU."
 
 
 def _intra_note(s: dict) -> str:
@@ -160,6 +159,13 @@ def _fed_throughput_note(fd: dict) -> str:
           "inter part from lognormal device speeds (modelled, not tuned). " + "; ".join(parts))
 
 
+def _sooner(none_s: float, full_s: float) -> str:
+  """How much sooner full reached the target than none (or how much later: never "0.87x sooner")."""
+  if full_s <= none_s:
+    return f"{none_s / full_s:.2f}x sooner"
+  return f"{full_s / none_s:.2f}x later"
+
+
 def _fed_accuracy_note(fd: dict) -> str:
   parts = []
   for s in fd["scenarios"]:
@@ -167,11 +173,11 @@ def _fed_accuracy_note(fd: dict) -> str:
     per = []
     for t in s["tasks"]:
       a, b = tt["none"][t], tt["full"][t]
-      per.append(f"{t} " + (f"{a / b:.2f}x sooner" if a and b else "full never reached it" if a else
+      per.append(f"{t} " + (_sooner(a, b) if a and b else "full never reached it" if a else
                             f"none never reached it, full at {b:.1f}s" if b else "neither reached it"))
     parts.append(f"{s['name']} (budget {s['time_budget_s']:.1f}s; rounds none {r['none']}, deadline "
                  f"{r['deadline']}, full {r['full']}): " + ", ".join(per))
-  return "time to 90% of none's accuracy at the budget, none/full: " + "; ".join(parts)
+  return "time to 90% of none's accuracy at the budget, full vs none: " + "; ".join(parts)
 
 
 def summarize(raw: dict) -> dict:
@@ -190,7 +196,7 @@ def summarize(raw: dict) -> dict:
            f"{p} {_ratio(s, 'sequential', p):.2f}x" for p in ("competitive", "auto", "grid_best")
            if p in s["makespan_s"])
            for s in cs["scenarios"]),
-       "paper": "2.1x", "device": cs["device"],
+       "paper": speedup_text(), "device": cs["device"],
        "spread": "; ".join(f"{s['name']} competitive {_spread(s['speedup_vs_sequential_spread'])}"
                            for s in cs["scenarios"]) + f" ({cs.get('repeats', 1)} interleaved repeats)",
        "note": _sharing_note(cs)},
@@ -208,7 +214,7 @@ def summarize(raw: dict) -> dict:
        "headline": "FL throughput (work per virtual second), full vs none (intra part x inter part); vs deadline",
        "ours": ", ".join(f"{n} {g['total']:.2f}x ({g['intra']:.2f} x {g['inter']:.2f}); {g['vs_deadline']:.2f}x deadline"
                          for n, g in gains.items()),
-       "paper": "2.16x-2.38x", "device": fd["device"], "spread": "deterministic (virtual clock, recorded mixes)",
+       "paper": fl_gain_text(), "device": fd["device"], "spread": "deterministic (virtual clock, recorded mixes)",
        "note": _fed_throughput_note(fd)},
       {"figure": "fig6_accuracy", "headline": "accuracy at an equal virtual-time budget, none -> full (deadline)",
        "ours": "; ".join(f"{s['name']}: " + ", ".join(
@@ -252,8 +258,11 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
               from_recorded: str | Path | None = None, seed: int = 0, log=print) -> dict:
   """Runs (or redraws) the six experiments into ``out``; returns the summary."""
   from tqdm.auto import tqdm
-  from mtfl_jax.plotting import FIGURES
+  if "matplotlib.pyplot" not in sys.modules:  # only files are drawn: no window, no display needed
+    import matplotlib
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from mtfl_jax.plotting import FIGURES
   mode = mode or ("quick" if quick else "full")
   out = check_writable(out, "--out", directory=True)
   raw_dir = out / "raw"

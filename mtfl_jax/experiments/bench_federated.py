@@ -11,10 +11,10 @@ virtual second: a step of task i counts its solo step time ``s_i`` (``VRModel.so
 ``samples_per_s`` is the plain sample rate.
 
 The virtual clock's model of each task mix is fitted once per machine from a measured co-run
-and kept in ``data/profiles/vr_<device>.json`` (:func:`load_or_calibrate`); the same store
-keeps measured co-runs of the scenarios' most frequent client workload mixes under equal and
-competitive shares (:func:`load_or_measure_corrections`), which the clock uses instead of
-the model for clients of those mixes. Delete the file to re-measure.
+and kept in ``data/profiles/vr_<device>.json`` (:func:`mtfl_jax.calibration.load_or_calibrate`,
+on ``clock_backend``); the same store keeps measured co-runs of the scenarios' most frequent
+client workload mixes under equal and competitive shares (:func:`load_or_measure_corrections`),
+which the clock uses instead of the model for clients of those mixes. Delete the file to re-measure.
 
 Example::
 
@@ -23,68 +23,27 @@ Example::
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import numpy as np
 
-from mtfl_jax.clock import MixCorrections, measure_corrections, mix_key, representative_mixes
-from mtfl_jax.federated import (ClientWork, FedConfig, build_federation, calibrate_mix, choose_mode,
-                                init_server, run_clients, run_federated)
-from mtfl_jax.profiling import default_profile_path, device_name
-from mtfl_jax.results import read_json, write_json
+from mtfl_jax.calibration import load_or_calibrate, read_store, store_path, write_store
+from mtfl_jax.clock import MixCorrections, measure_corrections, representative_mixes
+from mtfl_jax.experiments.paper import PAPER, fl_gain_text
+from mtfl_jax.experiments.scenarios import FED_SCENARIOS, FedScenario
+from mtfl_jax.federated import (ClientWork, FedConfig, build_federation, choose_mode, init_server, run_clients,
+                                run_federated)
+from mtfl_jax.profiling import device_name
+from mtfl_jax.results import write_json
 from mtfl_jax.tasks import get_task
+from mtfl_jax.timing import time_calls
 from mtfl_jax.vresource import VRModel
 
-PAPER_FL_THROUGHPUT = (2.16, 2.38)  # Yu et al. 2022: full coordination vs none
 POLICY_ORDER = ("none", "deadline", "intra", "full")
 ROUND_CAP_FACTOR = 4  # faster policies may run up to this many times none's rounds
 TARGET_FRACTION = 0.9  # time to target: 90% of none's accuracy at the budget
-
-
-@dataclasses.dataclass(frozen=True)
-class FedScenario:
-  name: str
-  tasks: tuple[str, ...]
-  alpha: float
-  speed_sigma: float
-  presence: float = 1.0
-  quantity_sigma: float = 0.0
-
-
-SCENARIOS = (
-    FedScenario("mlp+cnn", ("digits_mlp", "mnist_lenet"), alpha=0.5, speed_sigma=0.5),
-    FedScenario("mlp+cnn+unet", ("digits_mlp", "mnist_lenet", "shapes_unet"), alpha=0.5, speed_sigma=0.5,
-                presence=0.7),
-    FedScenario("skewed+heterogeneous", ("digits_mlp", "shapes_unet"), alpha=0.1, speed_sigma=1.0,
-                quantity_sigma=1.0),
-)
-
-
-# --------------------------------------------------------------------------- the clock's model
-def vr_store_path() -> Path:
-  p = default_profile_path()
-  return p.with_name("vr_" + p.name)
-
-
-def load_or_calibrate(tasks: Sequence[str], path: str | Path | None = None, log=print) -> tuple[VRModel, str]:
-  """The mix's virtual-resource model from ``path`` (default: this device's store), else
-  measured now and added to the store. Returns the model and where it came from."""
-  path = Path(path or vr_store_path())
-  key = ",".join(tasks)
-  store = read_json(path, "calibration store", "delete it to re-measure (one co-run per task mix)", fields=("mixes",)) if path.exists() else {"device": device_name(), "mixes": {}}
-  if key in store["mixes"]:
-    m = store["mixes"][key]
-    return VRModel(m["solo_step_s"], m["demand"], m["fitted_rates"]), f"recorded in {path.name}"
-  log(f"  calibrating the virtual-resource model of {key} (one co-run on 'processes')")
-  model = calibrate_mix(tuple(tasks))
-  store["mixes"][key] = dataclasses.asdict(model)
-  write_json(path, store)
-  return model, f"measured now, stored in {path.name}"
 
 
 # --------------------------------------------------------------------------- simulator speed
@@ -100,16 +59,8 @@ def bench_simulator(task: str, clients: int = 32, steps: int = 5, repeats: int =
   mode = choose_mode(t, ds, params, works)
   decide_s = time.perf_counter() - t0
 
-  def timed(m):
-    best = float("inf")
-    for _ in range(repeats):
-      t1 = time.perf_counter()
-      jax.block_until_ready(run_clients(t, ds, params, works, m).deltas)
-      best = min(best, time.perf_counter() - t1)
-    return best
-
-  loop_s = timed("loop")
-  auto_s = timed(mode)
+  loop_s, auto_s = (min(time_calls(lambda m=m: run_clients(t, ds, params, works, m).deltas, repeats))
+                    for m in ("loop", mode))
   return {"task": task, "clients": clients, "local_steps": steps, "auto_mode": mode,
           "loop_s": round(loop_s, 5), "auto_s": round(auto_s, 5), "speedup": round(loop_s / auto_s, 2),
           "auto_decision_s": round(decide_s, 2)}
@@ -120,9 +71,9 @@ def load_or_measure_corrections(tasks: Sequence[str], model: VRModel, workload_v
   """Measured corrections for the ``max_mixes`` most frequent client mixes among
   ``workload_vectors`` (:func:`mtfl_jax.clock.representative_mixes`), from the store where
   recorded, else measured now on ``threads`` and added to it."""
-  path = Path(path or vr_store_path())
+  path = Path(path or store_path())
   key = ",".join(tasks)
-  store = json.loads(path.read_text()) if path.exists() else {"device": device_name(), "mixes": {}}
+  store = read_store(path)
   known = store.setdefault("corrections", {}).get(key, {"factors": {}, "backend": "threads", "detail": {}})
   mixes = representative_mixes(workload_vectors, model.solo_step_s, max_mixes=max_mixes)
   todo = {k: v for k, v in mixes.items() if k not in known["factors"]}
@@ -132,7 +83,7 @@ def load_or_measure_corrections(tasks: Sequence[str], model: VRModel, workload_v
     known["factors"].update(new.factors)
     known["detail"].update(new.detail)
     store["corrections"][key] = known
-    write_json(path, store)
+    write_store(store, path)
   where = f"measured now, stored in {path.name}" if todo else f"recorded in {path.name}"
   return MixCorrections({k: known["factors"][k] for k in mixes},
                         known.get("backend", "threads"), {k: known["detail"][k] for k in mixes}), where
@@ -148,8 +99,8 @@ def time_to_target(curve: list, task: str, target: float) -> float | None:
 
 # --------------------------------------------------------------------------- scenarios
 def run_fed_scenario(sc: FedScenario, rounds: int, num_clients: int, per_round: int, seed: int,
-                     log=print) -> dict:
-  model, source = load_or_calibrate(sc.tasks, log=log)
+                     log=print, clock_backend: str = "processes") -> dict:
+  model, source = load_or_calibrate(sc.tasks, clock_backend, log=log)
   out = {"name": sc.name, "tasks": list(sc.tasks), "alpha": sc.alpha, "speed_sigma": sc.speed_sigma,
          "presence": sc.presence, "quantity_sigma": sc.quantity_sigma, "rounds_none": rounds,
          "round_cap": ROUND_CAP_FACTOR * rounds, "num_clients": num_clients, "clients_per_round": per_round,
@@ -212,18 +163,22 @@ def run_fed_scenario(sc: FedScenario, rounds: int, num_clients: int, per_round: 
   return out
 
 
-def bench_federated(quick: bool = True, scenarios: Sequence[FedScenario] = SCENARIOS, seed: int = 0,
+def bench_federated(quick: bool = True, scenarios: Sequence[FedScenario] = FED_SCENARIOS, seed: int = 0,
                     rounds: int | None = None, num_clients: int = 10, per_round: int | None = None,
                     simulator_tasks: Sequence[str] = ("digits_mlp", "mnist_lenet"),
-                    json_path: str | Path | None = None, log=print) -> dict:
+                    json_path: str | Path | None = None, log=print, clock_backend: str = "processes") -> dict:
+  """Runs every scenario and the simulator's speed test; returns (and writes to
+  ``json_path``) the benchmark's JSON. The clock's model of each mix is calibrated on
+  ``clock_backend`` (or read from the store)."""
   rounds = rounds or (6 if quick else 40)
   per_round = per_round or (5 if quick else num_clients)
   t0 = time.perf_counter()
   log(f"federated benchmark on {device_name()} ({'quick' if quick else 'full'}; {rounds} rounds, "
       f"{per_round} of {num_clients} clients per round)")
   out = {"device": device_name(), "mode": "quick" if quick else "full", "seed": seed,
-         "paper": {"fl_throughput_gain": list(PAPER_FL_THROUGHPUT)},
-         "scenarios": [run_fed_scenario(sc, rounds, num_clients, per_round, seed, log) for sc in scenarios]}
+         "paper": {"fl_throughput_gain": list(PAPER["fl_throughput_gain"])}, "clock_backend": clock_backend,
+         "scenarios": [run_fed_scenario(sc, rounds, num_clients, per_round, seed, log, clock_backend)
+                       for sc in scenarios]}
   sims = [bench_simulator(t) for t in simulator_tasks]
   out["simulator"] = {**sims[0], "per_task": sims}
   out["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -242,7 +197,7 @@ def federated_table(out: dict) -> str:
     rows.append(f"{s['name']:<22}" + "".join(f"{t[p]:>10.4f}" for p in pols)
                 + f"{g['total']:>9.2f}x{g['intra']:>10.2f}x{g['inter']:>10.2f}x{g['vs_deadline']:>8.2f}x")
   rows.append("FL throughput: training work (solo-seconds, a step of task i counts s_i) per virtual second; "
-              "paper: 2.16x-2.38x full over none")
+              f"paper: {fl_gain_text()} full over none")
   for s in out["scenarios"]:
     rows.append(f"{s['name']}: accuracy at an equal virtual-time budget of {s['time_budget_s']:.1f}s: "
                 + "; ".join(f"{p} {s['accuracy_at_budget'][p]}" for p in pols))

@@ -11,7 +11,7 @@ What it measures, in order, each skipped when the time budget left is below its 
   ``processes`` with and without CUDA MPS, against ``sequential`` measured before and after;
 * ``trace_overlap``: the fraction of kernel time in which two tasks' kernels run at once, from
   ``jax.profiler`` traces of co-runs (:mod:`mtfl_jax.trace_overlap`);
-* then :func:`targets` (the paper's 2.1x, the model within 15%, the simulator >= 20x the
+* then :func:`targets` (the paper's training speedup, the model within 15%, the simulator >= 20x the
   CPU's) and :func:`flops_table` (achieved FLOP/s against nominal peaks) are computed from the
   JSON, pass or fail, never asserted.
 
@@ -21,8 +21,8 @@ On a CPU, ``--dry-run`` runs every step on a tiny configuration.
 
 Example::
 
-    python -m mtfl_jax.gpu_record --out /tmp/rec --budget-s 420 --tar /tmp/gpu_record.tar.gz
-    python -m mtfl_jax.gpu_record --dry-run --out /tmp/rec --tar /tmp/rec.tar.gz
+    python -m mtfl_jax.experiments.gpu_record --out /tmp/rec --budget-s 420 --tar /tmp/gpu_record.tar.gz
+    python -m mtfl_jax.experiments.gpu_record --dry-run --out /tmp/rec --tar /tmp/rec.tar.gz
 """
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ from pathlib import Path
 
 import jax
 
-from mtfl_jax import reproduce
+from mtfl_jax.experiments import reproduce
+from mtfl_jax.experiments.paper import TRAINING_SPEEDUP
+from mtfl_jax.experiments.scenarios import PAPER_MIX, FedScenario, Scenario
 from mtfl_jax.results import write_json
 
 # Nominal dense peaks (FLOP/s) by device kind. Source: NVIDIA H200 Tensor Core GPU datasheet
@@ -57,8 +59,7 @@ NOMINAL_PEAKS = {
     "H100": {"fp32": 67e12, "tf32": 494.5e12, "bf16": 989.5e12,
              "source": "NVIDIA H100 datasheet (SXM), dense = half the 'with sparsity' tensor figures"},
 }
-PAPER_MIX = ("digits_mlp", "mnist_lenet", "shapes_unet", "cifar_resnet")
-TARGETS = {"speedup_vs_sequential": 2.1, "prediction_error": 0.15, "simulator_vs_cpu": 20.0}
+TARGETS = {"speedup_vs_sequential": TRAINING_SPEEDUP, "prediction_error": 0.15, "simulator_vs_cpu": 20.0}
 CPU_REFERENCE = "data/recorded/cpu_amd_epyc_2_cores/raw/federated.json"
 ORDER = ("cosched", "gpu_sharing", "workloads", "vresource", "federated", "trace_overlap")
 
@@ -80,8 +81,6 @@ class GpuConfig:
 def config(mode: str = "gpu") -> GpuConfig:
   """``gpu``: sized for an H200 (about 7 minutes with compiles); ``dry``: every code path on a
   CPU in about a minute."""
-  from mtfl_jax.bench_cosched import Scenario
-  from mtfl_jax.bench_federated import FedScenario
   if mode == "gpu":
     repro = dataclasses.replace(
         reproduce.config("quick"), mode="gpu", profile_tasks=PAPER_MIX, profile_repeats=30,
@@ -157,7 +156,7 @@ def _median(xs):
 
 def _mix_jobs(tasks, work, total_s):
   from mtfl_jax.backends import Job
-  from mtfl_jax.bench_cosched import Scenario, solo_step_times
+  from mtfl_jax.calibration import solo_step_times
   solo = solo_step_times(tasks)
   wl = Scenario("mix", tuple(tasks), tuple(work)).workloads(solo, total_s)
   return [Job(t, wl[t], seed=i) for i, t in enumerate(tasks)], wl, solo
@@ -254,7 +253,7 @@ def exp_trace_overlap(gc: GpuConfig, log=print, keep_dir: Path | None = None) ->
   from mtfl_jax.backends import Job
   from mtfl_jax.backends.base import Feed, initial_state, time_solo
   from mtfl_jax.backends.fused import make_fused_slice
-  from mtfl_jax.train import has_convolution, make_train_step
+  from mtfl_jax.train import UNROLL_MAX, has_convolution, make_train_step
   from mtfl_jax.trace_overlap import measure_overlap
   on_gpu = jax.default_backend() == "gpu"
   jobs = [Job(t, 64, seed=i) for i, t in enumerate(gc.trace_tasks)]
@@ -292,7 +291,7 @@ def exp_trace_overlap(gc: GpuConfig, log=print, keep_dir: Path | None = None) ->
       t.join()
 
   one("threads", threads_body, ("module", "stream") if on_gpu else ("module",))
-  counts = tuple(max(1, min(8 if has_convolution(j.task) else 64, round(gc.fused_slice_s / solo[j.name])))
+  counts = tuple(max(1, min(UNROLL_MAX if has_convolution(j.task) else 64, round(gc.fused_slice_s / solo[j.name])))
                  for j in jobs)
   out["fused_counts"] = dict(zip([j.name for j in jobs], counts))
   for label, streams in (("fused_streams", True), ("fused_no_streams", False)):
@@ -499,28 +498,12 @@ def _run_experiment(name, gc, repro, mps, seed, res, log) -> dict:
   if name == "trace_overlap":
     return exp_trace_overlap(gc, log, keep_dir=res / "traces")
   if name == "vresource" and no_mps:
-    from mtfl_jax.bench_cosched import measure_vr_curves
+    from mtfl_jax.experiments.bench_cosched import measure_vr_curves
     return {**measure_vr_curves(repro.vr_tasks, repro.vr_grid, backend="threads", log=log),
             "note": "no MPS daemon: curves measured on 'threads'"}
-  if name == "federated" and no_mps:
-    _calibrate_clock_on("threads", repro, log)
+  if name == "federated" and no_mps:  # the clock's co-run model too, stored under 'threads'
+    repro = dataclasses.replace(repro, clock_backend="threads")
   return reproduce.EXPERIMENTS[name](repro, seed, log)
-
-
-def _calibrate_clock_on(backend: str, repro, log) -> None:
-  """Without MPS the clock's co-run model is fitted on ``backend`` and stored where
-  ``bench_federated.load_or_calibrate`` looks first."""
-  from mtfl_jax.bench_federated import SCENARIOS, vr_store_path
-  from mtfl_jax.federated import calibrate_mix
-  path = vr_store_path()
-  store = json.loads(path.read_text()) if path.exists() else {"device": reproduce.device_name(), "mixes": {}}
-  for sc in repro.fed_scenarios or SCENARIOS:
-    key = ",".join(sc.tasks)
-    if key not in store["mixes"]:
-      log(f"  no MPS: calibrating the clock's model of {key} on '{backend}'")
-      store["mixes"][key] = {**dataclasses.asdict(calibrate_mix(tuple(sc.tasks), backend=backend)),
-                             "backend": backend}
-  write_json(path, store)
 
 
 def finish(out: str | Path, cpu_reference: str | Path | None = None, log=print) -> dict:
@@ -632,7 +615,7 @@ def pack(src: str | Path, tar_path: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mtfl_jax.gpu_record", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m mtfl_jax.experiments.gpu_record", description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="recording folder (results go to OUT/results)")
   p.add_argument("--dry-run", action="store_true", help="the tiny configuration, for a CPU")
   p.add_argument("--budget-s", type=float, help="skip experiments that would start past this many seconds")

@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
@@ -27,42 +26,16 @@ from typing import Sequence
 import numpy as np
 
 from mtfl_jax.backends import Job, open_backend
-from mtfl_jax.cosched import calibrate, check_memory, make_plan
+from mtfl_jax.calibration import calibrate, solo_step_times
+from mtfl_jax.cosched import check_memory, make_plan
+from mtfl_jax.experiments.paper import PAPER
+from mtfl_jax.experiments.scenarios import COSCHED_SCENARIOS, Scenario
 from mtfl_jax.profiling import device_name
 from mtfl_jax.results import write_json
+from mtfl_jax.vresource import measured_rates
 
 CONCURRENT = ("equal", "partitioned", "competitive", "auto", "grid_best")
 POLICY_ORDER = ("sequential",) + CONCURRENT
-
-PAPER_TRAINING_SPEEDUP = 2.1  # Yu et al. 2022: competitive sharing vs sequential
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-  """A task mix and the share of the round's solo work each task has."""
-  name: str
-  tasks: tuple[str, ...]
-  work: tuple[float, ...]  # relative solo work W_i * s_i
-
-  def workloads(self, solo_step_s, total_s: float) -> dict[str, int]:
-    unit = total_s / sum(self.work)
-    return {t: max(2, int(round(w * unit / solo_step_s[t]))) for t, w in zip(self.tasks, self.work)}
-
-
-# A tiny dispatch-bound classifier, a small CNN and a segmentation net (the paper's
-# self-driving mix, scaled to a laptop), with ever larger imbalance of their solo work.
-SCENARIOS = (
-    Scenario("light", ("digits_mlp", "mnist_lenet", "shapes_unet"), (1.0, 1.0, 1.0)),
-    Scenario("medium", ("digits_mlp", "mnist_lenet", "shapes_unet"), (1.0, 2.0, 4.0)),
-    Scenario("heavy", ("digits_mlp", "mnist_lenet", "shapes_unet", "cifar_resnet"), (1.0, 1.0, 2.0, 12.0)),
-)
-
-
-def solo_step_times(tasks: Sequence[str]) -> dict[str, float]:
-  """Solo step times of ``tasks``, measured with the sequential backend."""
-  with open_backend("sequential", [Job(t, 8) for t in tasks]) as r:
-    return dict(r.solo_step_s)
-
 
 def _round(x, n=4):
   return {k: round(float(v), n) for k, v in x.items()}
@@ -101,8 +74,7 @@ def run_scenario(sc: Scenario, total_s: float, backends: Sequence[str], repeats:
     runners, models, plans = {}, {}, {}
     for b in backends:
       r = runners[b] = stack.enter_context(open_backend(b, jobs))
-      r.run(None)  # warm-up
-      m = models[b] = calibrate(r)  # the equal-share co-run
+      m = models[b] = calibrate(r, warmup=True)  # the equal-share co-run
       t0 = time.perf_counter()
       plans[b] = {p: make_plan(p, jobs, m, r) for p in ("equal", "partitioned", "competitive")}
       plans[b]["auto"] = make_plan("auto", jobs, m, r, repeats=search_repeats)
@@ -161,7 +133,7 @@ def _label(plan) -> str:
   return best or ",".join(f"{v:.2g}" for v in plan.shares.values())
 
 
-def bench_cosched(quick: bool = True, scenarios: Sequence[Scenario] = SCENARIOS,
+def bench_cosched(quick: bool = True, scenarios: Sequence[Scenario] = COSCHED_SCENARIOS,
                   backends: Sequence[str] = ("processes", "threads", "fused"), repeats: int | None = None,
                   total_s: float | None = None, grid: Sequence[float] = (0.25, 0.5, 1.0),
                   grid_max: int | None = None, json_path: str | Path | None = None, log=print) -> dict:
@@ -174,7 +146,7 @@ def bench_cosched(quick: bool = True, scenarios: Sequence[Scenario] = SCENARIOS,
   log(f"co-scheduling benchmark on {device_name()} ({'quick' if quick else 'full'}; "
       f"{total_s:.1f} s of solo work per round, {repeats} interleaved repeats)")
   out = {"device": device_name(), "mode": "quick" if quick else "full", "total_solo_work_s": total_s,
-         "repeats": repeats, "paper": {"training_speedup": PAPER_TRAINING_SPEEDUP},
+         "repeats": repeats, "paper": {"training_speedup": PAPER["training_speedup"]},
          "scenarios": [run_scenario(sc, total_s, backends, repeats, grid, grid_max, log=log) for sc in scenarios]}
   out["wall_s"] = round(time.perf_counter() - t0, 1)
   log(cosched_table(out))
@@ -204,11 +176,9 @@ def measure_vr_curves(tasks: Sequence[str], grid: Sequence[float] = (0.2, 0.4, 0
   ``backend`` and predicted by the model fitted from the equal-share co-run."""
   solo = solo_step_times(tasks)
   jobs = [Job(t, max(2, int(solo_work_s / solo[t])), seed=i) for i, t in enumerate(tasks)]
-  from mtfl_jax.vresource import VRModel, measured_rates
   curves = {}
   with open_backend(backend, jobs) as r:
-    r.run(None)  # warm-up
-    model = VRModel.fit(r.solo_step_s, r.run(None))
+    model = calibrate(r, warmup=True)
     for t in tasks:
       meas, pred = [], []
       for s in grid:

@@ -1,0 +1,134 @@
+"""Calibration: fitting, caching and storing the virtual-resource model of a task mix.
+
+Every :class:`~mtfl_jax.vresource.VRModel` the package uses is fitted here, from one
+equal-share co-run of the mix (:func:`calibrate`), and kept:
+
+* per process (:func:`calibrate_mix`, keyed by the tasks, backend and solo work);
+* per machine in a store, ``data/profiles/vr_<device>.json`` (:func:`store_path`), holding
+  ``{"device", "mixes": {"<backend>|<task>,<task>": model}}`` (:func:`load_or_calibrate`).
+  A store written before backends were part of the key (``"<task>,<task>"``) still loads: its
+  mixes count as measured on their ``"backend"`` field, else on ``processes``.
+
+Tasks are registered names or :class:`~mtfl_jax.tasks.Task` objects; the store knows them by
+name, so a task of your own should have a name of its own.
+
+Example::
+
+    model, source = load_or_calibrate(["digits_mlp", "mnist_lenet"])   # stored, or measured now
+    with open_backend("threads", jobs) as runner:
+      model = calibrate(runner, warmup=True)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from mtfl_jax.backends import Job, Runner, open_backend
+from mtfl_jax.profiling import default_profile_path, device_name
+from mtfl_jax.results import BadFileError, read_json, reading, write_json
+from mtfl_jax.tasks import Task, get_task
+from mtfl_jax.vresource import VRModel
+
+_REMEDY = "delete it to re-measure (one co-run per task mix)"
+
+
+def calibrate(runner: Runner, warmup: bool = False) -> VRModel:
+  """Fits the virtual-resource model of a runner's task mix from one equal-share co-run
+  (after an untimed one with ``warmup``: first runs fill dispatch caches)."""
+  if warmup:
+    runner.run(None)
+  return VRModel.fit(runner.solo_step_s, runner.run(None))
+
+
+def solo_step_times(tasks: Sequence[str | Task]) -> dict[str, float]:
+  """Solo (pipelined) seconds per step of ``tasks``, measured with the sequential backend."""
+  with open_backend("sequential", [Job(t, 8) for t in tasks]) as r:
+    return dict(r.solo_step_s)
+
+
+_MIX_MODELS: dict[tuple, VRModel] = {}
+
+
+def calibrate_mix(tasks: Sequence[str | Task], backend: str = "processes", solo_work_s: float = 1.0) -> VRModel:
+  """The model of a task mix from one equal-share co-run on ``backend``, each task with about
+  ``solo_work_s`` of solo work; fitted once per process (a single task is its own model)."""
+  tasks = tuple(get_task(t) for t in tasks)
+  key = (tasks, backend, float(solo_work_s))
+  if key not in _MIX_MODELS:
+    solo = solo_step_times(tasks)
+    if len(tasks) == 1:
+      name = tasks[0].name
+      _MIX_MODELS[key] = VRModel(solo, {name: 1.0}, {name: 1.0})
+    else:
+      jobs = [Job(t, max(2, int(solo_work_s / solo[t.name])), seed=i) for i, t in enumerate(tasks)]
+      with open_backend(backend, jobs) as r:
+        _MIX_MODELS[key] = calibrate(r, warmup=True)
+  return _MIX_MODELS[key]
+
+
+# --------------------------------------------------------------------------- the store
+def store_path(device: str | None = None) -> Path:
+  """This device's calibration store, ``vr_<device>.json`` beside its solo profiles."""
+  p = default_profile_path(device)
+  return p.with_name("vr_" + p.name)
+
+
+def store_key(tasks: Sequence[str | Task], backend: str = "processes") -> str:
+  """``"<backend>|<task>,<task>"``: a mix's key in the store (order matters: it is the jobs')."""
+  return f"{backend}|" + ",".join(t.name if isinstance(t, Task) else str(t) for t in tasks)
+
+
+def read_store(path: str | Path | None = None) -> dict:
+  """The store at ``path`` (default: this device's), mixes keyed by :func:`store_key`; an
+  empty one when there is no file. Other top-level fields are kept as they are."""
+  path = Path(path or store_path())
+  if not path.exists():
+    return {"device": device_name(), "mixes": {}}
+  doc = read_json(path, "calibration store", _REMEDY, fields=("mixes",))
+  with reading(f"calibration store {path}", _REMEDY):
+    # keys without a backend come from stores written before backends were part of the key
+    doc["mixes"] = {k if "|" in k else f"{m.get('backend', 'processes')}|{k}": m for k, m in doc["mixes"].items()}
+  return doc
+
+
+def write_store(store: dict, path: str | Path | None = None) -> Path:
+  return write_json(Path(path or store_path()), store)
+
+
+def load_model(tasks: Sequence[str | Task], backend: str = "processes",
+               path: str | Path | None = None) -> VRModel | None:
+  """The stored model of the mix, or None when the store has none."""
+  path = Path(path or store_path())
+  entry = read_store(path)["mixes"].get(store_key(tasks, backend))
+  if entry is None:
+    return None
+  with reading(f"calibration store {path}", _REMEDY):
+    try:
+      return VRModel.from_json(entry)
+    except ValueError as e:
+      raise BadFileError(f"calibration store {path}, mix {store_key(tasks, backend)!r}: {e}; {_REMEDY}") from None
+
+
+def save_model(model: VRModel, tasks: Sequence[str | Task], backend: str = "processes",
+               path: str | Path | None = None) -> Path:
+  """Adds (or replaces) the mix's model in the store, keeping every other entry."""
+  path = Path(path or store_path())
+  store = read_store(path)
+  store["mixes"][store_key(tasks, backend)] = model.to_json()
+  return write_store(store, path)
+
+
+def load_or_calibrate(tasks: Sequence[str | Task], backend: str = "processes", path: str | Path | None = None,
+                      log=print) -> tuple[VRModel, str]:
+  """The mix's model from the store at ``path`` (default: this device's), else measured now
+  on ``backend`` (:func:`calibrate_mix`) and added to the store. Returns the model and where
+  it came from."""
+  path = Path(path or store_path())
+  model = load_model(tasks, backend, path)
+  if model is not None:
+    return model, f"recorded in {path.name}"
+  key = store_key(tasks, backend)
+  log(f"  calibrating the virtual-resource model of {key.split('|', 1)[1]} (one co-run on '{backend}')")
+  model = calibrate_mix(tasks, backend)
+  save_model(model, tasks, backend, path)
+  return model, f"measured now, stored in {path.name}"
