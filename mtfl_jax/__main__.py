@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 from pathlib import Path
 
@@ -134,6 +135,9 @@ def main(argv=None) -> int:
   try:
     args.fn(args)
   except KeyboardInterrupt:
+    # A second Ctrl-C while the message is printed and the interpreter shuts down would end
+    # the process by SIGINT instead of the documented exit code 130.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"\n{_interrupted(args)}", file=sys.stderr)
     return 130
   except Exception as e:  # noqa: BLE001 - sorted below: user errors in one line, bugs re-raised
