@@ -87,7 +87,7 @@ def test_every_policy_trains_a_user_task_with_dropout_and_batchnorm(policy):
   # evaluation uses the server's statistics: the seed-0 init's would give another loss
   st = res.state.models["fed_dropbn"]
   with_stats = mt.evaluate(DROPBN, st.params, model_state=st.model_state)
-  assert with_stats["accuracy"] == acc["fed_dropbn"]
+  assert with_stats["accuracy"] == pytest.approx(acc["fed_dropbn"], abs=1e-6)  # history rounds to 6 places
   assert mt.evaluate(DROPBN, st.params)["loss"] != with_stats["loss"]
 
 
