@@ -184,6 +184,9 @@ def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
 # --------------------------------------------------------------------------- the run
 @dataclasses.dataclass
 class FedResult:
+  """A run's end: the config, the final server state (``state.models[task]``: params,
+  server optimizer state, model_state), the per-round history, the simulator's wall time and
+  ``auto``'s simulator choice per task."""
   cfg: FedConfig
   state: ServerState
   history: list  # one dict per round (diagnostics, virtual time, accuracy when evaluated)
@@ -220,8 +223,8 @@ class FedResult:
 def _evaluate_all(fed: Federation, state: ServerState) -> dict:
   out = {}
   for t in fed.cfg.tasks:
-    ds, m = fed.datasets[t], state.models[t]
-    m = evaluate(fed.cfg.task(t), m.params, ds.x_test, ds.y_test, model_state=m.model_state)
+    ds, glob = fed.datasets[t], state.models[t]
+    m = evaluate(fed.cfg.task(t), glob.params, ds.x_test, ds.y_test, model_state=glob.model_state)
     out[t] = round(m["miou"] if "miou" in m else m["accuracy"], 6)
   return out
 
