@@ -82,8 +82,13 @@ class Fleet:
     return cls(np.array(vals["speed"][:num_clients]), np.array(vals["bandwidth_bps"][:num_clients]) / 8)
 
 
-SHARES = {"none": "equal", "deadline": "equal", "intra": "competitive", "full": "competitive",
-          "equal": "equal", "competitive": "competitive"}
+# How a client's device is shared among its tasks: a rule name -> ``(model, workloads) ->
+# per-task shares``. A federated policy names its rule (``FedPolicy.shares``); measured
+# corrections are keyed by the same names.
+SHARE_RULES = {
+    "equal": lambda model, workloads: {t: 1.0 for t in workloads},
+    "competitive": lambda model, workloads: model.competitive_shares(workloads),
+}
 
 
 def mix_key(workloads: Mapping[str, int], solo_step_s: Mapping[str, float], levels: int = 4) -> str:
@@ -123,16 +128,17 @@ class MixCorrections:
 
 def client_compute_time(model: VRModel, workloads: Mapping[str, int], shares: str, speed: float,
                         corrections: MixCorrections | None = None, with_source: bool = False):
-  """Seconds for one client to run its per-task workloads co-scheduled under ``shares``
-  (``"equal"``, or ``"competitive"``: virtual-resource weighted; policy names map to theirs),
+  """Seconds for one client to run its per-task workloads co-scheduled under ``shares`` (a
+  :data:`SHARE_RULES` name: ``"equal"``, or ``"competitive"``: virtual-resource weighted),
   divided by its device ``speed``. The model's makespan is multiplied by the measured
   correction of the client's mix where ``corrections`` has one; ``with_source`` also returns
   whether it did (True: measured, False: modelled)."""
-  shares = SHARES[shares]
+  if shares not in SHARE_RULES:
+    raise ValueError(f"unknown shares {shares!r}; valid: {', '.join(SHARE_RULES)}")
   wl = {t: w for t, w in workloads.items() if w > 0}
   if not wl:
     return (0.0, False) if with_source else 0.0
-  alloc = {t: 1.0 for t in wl} if shares == "equal" else model.competitive_shares(wl)
+  alloc = SHARE_RULES[shares](model, wl)
   t = model.predict(wl, alloc).makespan_s / speed
   f = corrections.factor(workloads, model.solo_step_s, shares) if corrections is not None and len(wl) > 1 else None
   if f is not None:
@@ -171,7 +177,7 @@ def measure_corrections(model: VRModel, mixes: Mapping[str, Mapping[str, int]], 
   for key, wl in mixes.items():
     wl = {t: int(w) for t, w in wl.items() if w > 0}
     jobs = [Job(t, w, seed=i) for i, (t, w) in enumerate(sorted(wl.items()))]
-    alloc = {"equal": {t: 1.0 for t in wl}, "competitive": model.competitive_shares(wl)}
+    alloc = {k: rule(model, wl) for k, rule in SHARE_RULES.items()}
     with open_backend(backend, jobs) as r:
       r.run(alloc["equal"])  # warm-up: first calls fill dispatch caches
       runs = {k: [] for k in alloc}

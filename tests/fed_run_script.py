@@ -1,12 +1,16 @@
-"""Runs a small federated job in a subprocess (for the kill-and-resume test).
+"""Runs a small federated job in a subprocess (for the kill-and-resume tests).
 
-usage: fed_run_script.py WORKDIR OUT.npz [KILL_ROUND]
+usage: fed_run_script.py WORKDIR OUT.npz [KILL_ROUND] [--user]
 With KILL_ROUND, the process SIGKILLs itself after the first task of that round trained.
+With --user, the job is test_federated_user_task's own tasks (Dropout, BatchNorm, adam) under
+``full``. OUT.npz gets the whole server state, OUT.npz.json the history.
 """
+import dataclasses
 import json
 import os
 import signal
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -19,15 +23,21 @@ CFG = FedConfig(tasks=("digits_mlp", "mnist_lenet"), num_clients=4, clients_per_
 MODEL = VRModel({"digits_mlp": 2e-4, "mnist_lenet": 4e-3}, {"digits_mlp": 0.4, "mnist_lenet": 0.8}, {})
 
 if __name__ == "__main__":
-  workdir, out = sys.argv[1], sys.argv[2]
-  kill = int(sys.argv[3]) if len(sys.argv) > 3 else None
+  args = [a for a in sys.argv[1:] if a != "--user"]
+  workdir, out = args[0], args[1]
+  kill = int(args[2]) if len(args) > 2 else None
+  if "--user" in sys.argv:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_federated_user_task as user
+    CFG, MODEL = dataclasses.replace(user.CFG, rounds=3, policy="full"), user.MODEL
+    warnings.filterwarnings("ignore", "task 'fed_dropbn': client optimizer is not")
 
   def cb(event, rnd):
     if kill is not None and event == "task_done" and rnd == kill:
       os.kill(os.getpid(), signal.SIGKILL)
 
   res = run_federated(CFG, MODEL, workdir=workdir if workdir != "-" else None, progress=False, callback=cb)
-  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(res.state.params)}
+  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(res.state)}
   np.savez(out, **flat)
   with open(out + ".json", "w") as f:
     json.dump(res.history, f)

@@ -222,27 +222,27 @@ def test_measured_correction_replaces_the_model_for_its_mix_only():
 
 def test_failed_clients_are_dropped_and_recorded():
   cfg = FedConfig(tasks=("digits_mlp",), num_clients=3, clients_per_round=3, rounds=1, alpha=1.0,
-                  simulator="loop", seed=1, faults=((0, 1, "raise"), (0, 2, "timeout")))
-  res = run_federated(cfg, MLP_MODEL, progress=False)
+                  simulator="loop", seed=1)
+  res = run_federated(cfg, MLP_MODEL, progress=False, faults=((0, 1, "raise"), (0, 2, "timeout")))
   kinds = sorted((f["client"], f["kind"]) for f in res.history[0]["failures"])
   assert kinds == [(1, "raise"), (2, "timeout")]
   # only client 0 is left: the round is its update alone
   ok = run_federated(FedConfig(tasks=("digits_mlp",), num_clients=3, clients_per_round=3, rounds=1, alpha=1.0,
-                               simulator="loop", seed=1, faults=((0, 1, "raise"), (0, 2, "raise"))),
-                     MLP_MODEL, progress=False)
+                               simulator="loop", seed=1),
+                     MLP_MODEL, progress=False, faults=((0, 1, "raise"), (0, 2, "raise")))
   jax.tree.map(np.testing.assert_array_equal, res.state.params, ok.state.params)
   # every client fails: the global model is kept
   allfail = run_federated(FedConfig(tasks=("digits_mlp",), num_clients=2, clients_per_round=2, rounds=1,
-                                    alpha=1.0, simulator="vmap", seed=1, faults=((0, 0, "raise"), (0, 1, "raise"))),
-                          MLP_MODEL, progress=False)
+                                    alpha=1.0, simulator="vmap", seed=1),
+                          MLP_MODEL, progress=False, faults=((0, 0, "raise"), (0, 1, "raise")))
   jax.tree.map(np.testing.assert_array_equal, allfail.state.params, init_server(allfail.cfg).params)
 
 
 def test_nan_update_stops_naming_task_round_client_and_keeps_checkpoint(tmp_path):
   cfg = FedConfig(tasks=("digits_mlp",), num_clients=2, clients_per_round=2, rounds=3, alpha=1.0,
-                  simulator="loop", seed=1, faults=((1, 0, "nan"),))
+                  simulator="loop", seed=1)
   with pytest.raises(NonFiniteUpdate, match="task 'digits_mlp', round 1, client 0"):
-    run_federated(cfg, MLP_MODEL, workdir=tmp_path, progress=False)
+    run_federated(cfg, MLP_MODEL, workdir=tmp_path, progress=False, faults=((1, 0, "nan"),))
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
@@ -309,3 +309,23 @@ def test_task_scales_is_the_least_change_that_meets_the_deadline():
   got = task_scales(work, 1.7, 0.5, 2.0)
   assert abs(got["light"] - 1.0) < 0.02 and got["heavy"] > 1.6  # time lives in the heavy task
   assert task_scales({"a": 1.0}, 3.0, 0.5, 2.0) == {"a": 2.0}  # clipped to max_work_scale
+
+
+def test_resume_uses_the_checkpoints_model_and_corrections(tmp_path, monkeypatch):
+  cfg = dataclasses_replace(TWO_CFG, rounds=3, clients_per_round=4)
+  fed = build_federation(cfg)
+  # a correction for every client's mix, so that a resume without it would change the clock
+  corr = MixCorrections({mix_key(fed.workloads(c), TWO.solo_step_s): {"equal": 1.5, "competitive": 1.5}
+                         for c in range(cfg.num_clients)})
+  ref = run_federated(cfg, TWO, progress=False, corrections=corr)
+  plain = run_federated(cfg, TWO, progress=False)
+  assert plain.virtual_time_s != ref.virtual_time_s
+  run_federated(dataclasses_replace(cfg, rounds=2), TWO, workdir=tmp_path, progress=False, corrections=corr)
+
+  def no_calibration(*a, **k):
+    raise AssertionError("a resumed run recalibrated")
+  monkeypatch.setattr(mt.federated.driver, "calibrate_mix", no_calibration)
+  res = run_federated(cfg, workdir=tmp_path, progress=False)
+  assert [h["round"] for h in res.history] == [0, 1, 2]
+  assert res.history == ref.history
+  jax.tree.map(np.testing.assert_array_equal, res.state.params, ref.state.params)

@@ -1,0 +1,155 @@
+"""Server aggregation as an ``init``/``apply`` pair (as fedjax's federated algorithms): FedAvg
+(McMahan et al., 2017) and FedNova (Wang et al., 2020), each over one task's global model.
+
+The server optimizer is an optax transformation applied to the negated aggregate delta
+(plain averaging is ``optax.sgd(1.0)``). A model's mutable collections (``model_state``,
+e.g. BatchNorm's ``batch_stats``) are not gradients: the new global model_state is the
+sample-weighted mean of the clients' final model_states, under either algorithm.
+
+Example::
+
+    algo = fed_avg(optax.sgd(1.0))
+    st = algo.init(params, model_state)
+    st = algo.apply(st, ClientUpdates(deltas, model_states, samples=[10, 30], steps=[5, 5]))
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class ModelServerState(flax.struct.PyTreeNode):
+  """One task's global model on the server: params, the server optimizer's state, and the
+  model's mutable collections (empty for models without any)."""
+  params: Any
+  opt_state: Any
+  model_state: Any = flax.struct.field(default_factory=dict)
+
+
+class ServerState(flax.struct.PyTreeNode):
+  """The server's state between rounds: the round index and each task's global model."""
+  round: jax.Array
+  models: dict  # task -> ModelServerState
+
+  @property
+  def params(self) -> dict:
+    return {t: m.params for t, m in self.models.items()}
+
+  @property
+  def opt_state(self) -> dict:
+    return {t: m.opt_state for t, m in self.models.items()}
+
+  @property
+  def model_state(self) -> dict:
+    return {t: m.model_state for t, m in self.models.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientUpdates:
+  """What the clients of one task sent back: deltas and final model_states stacked on a
+  leading client axis, and per client its sample count and local steps."""
+  deltas: Any
+  model_states: Any
+  samples: Sequence[int]
+  steps: Sequence[int]
+
+
+class FedAlgorithm(NamedTuple):
+  """``init(params, model_state) -> ModelServerState``; ``apply(state, updates) -> state``."""
+  init: Callable[[Any, Any], ModelServerState]
+  apply: Callable[[ModelServerState, ClientUpdates], ModelServerState]
+
+
+def accumulation_norm(steps: int, momentum: float = 0.0) -> float:
+  """l1 norm of a client's accumulation vector ``a`` (Wang et al. 2020, FedNova): its update
+  after ``steps`` local steps is ``-lr * sum_k a_k g_k``. Plain SGD: ``a_k = 1``, the norm is
+  ``steps``. Heavy-ball momentum ``rho`` (optax.sgd: ``v = rho v + g; x -= lr v``): gradient k
+  is applied ``sum_{j<steps-k} rho^j`` times, so the norm is
+  ``[steps - rho (1 - rho^steps) / (1 - rho)] / (1 - rho)``."""
+  tau, rho = float(steps), float(momentum or 0.0)
+  if rho == 0.0:
+    return tau
+  return (tau - rho * (1.0 - rho ** tau) / (1.0 - rho)) / (1.0 - rho)
+
+
+_WARNED_NORM: set = set()
+
+
+def fednova_norm_kind(task) -> tuple[float | None, str]:
+  """The momentum FedNova normalises with for ``task`` and a note for the history.
+
+  ``task.momentum`` is a float for (momentum) SGD; None means the client optimizer is not
+  SGD, for which no closed-form accumulation vector is known here: the step count is used
+  (a warning, once per task) and the history says so."""
+  rho = getattr(task, "momentum", None)
+  if rho is None:
+    name = getattr(task, "name", str(task))
+    if name not in _WARNED_NORM:
+      _WARNED_NORM.add(name)
+      warnings.warn(f"task '{name}': client optimizer is not (momentum) SGD; FedNova falls back to "
+                    "normalising by step counts", stacklevel=2)
+    return None, "steps (client optimizer not SGD: fallback)"
+  return float(rho), f"accumulation norm, momentum {float(rho):g}" if rho else "steps (plain SGD)"
+
+
+def aggregate(deltas, samples, norms=None):
+  """Sample-weighted average of stacked deltas (leading axis: clients): FedAvg; with
+  ``norms`` (each client's :func:`accumulation_norm`), FedNova's normalised average
+  ``(sum_c p_c norm_c) * sum_c p_c delta_c / norm_c``."""
+  p = jnp.asarray(samples, jnp.float32)
+  p = p / p.sum()
+  if norms is not None:
+    a = jnp.asarray(norms, jnp.float32)
+    p = p / a * jnp.sum(p * a)
+  return jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), deltas)
+
+
+def average_model_state(model_states, samples):
+  """Sample-weighted mean of the clients' stacked final model_states (e.g. BatchNorm
+  statistics); a leaf keeps its dtype."""
+  p = jnp.asarray(samples, jnp.float32)
+  p = p / p.sum()
+  return jax.tree.map(lambda s: jnp.tensordot(p, s.astype(jnp.float32), axes=1).astype(s.dtype), model_states)
+
+
+def _algorithm(server_optimizer: optax.GradientTransformation, norms_of) -> FedAlgorithm:
+  def init(params, model_state=None) -> ModelServerState:
+    return ModelServerState(params, server_optimizer.init(params), {} if model_state is None else model_state)
+
+  def apply(state: ModelServerState, updates: ClientUpdates) -> ModelServerState:
+    delta = aggregate(updates.deltas, updates.samples, norms_of(updates.steps))
+    # the aggregate delta is a descent direction: the server optimizer gets it as a gradient
+    upd, opt_state = server_optimizer.update(jax.tree.map(jnp.negative, delta), state.opt_state, state.params)
+    model_state = (average_model_state(updates.model_states, updates.samples)
+                   if jax.tree.leaves(state.model_state) else state.model_state)
+    return ModelServerState(optax.apply_updates(state.params, upd), opt_state, model_state)
+
+  return FedAlgorithm(init, apply)
+
+
+def fed_avg(server_optimizer: optax.GradientTransformation) -> FedAlgorithm:
+  """FedAvg: the sample-weighted mean of the client deltas, applied by ``server_optimizer``.
+
+  Example::
+
+      fed_avg(optax.sgd(1.0))       # plain federated averaging
+  """
+  return _algorithm(server_optimizer, lambda steps: None)
+
+
+def fed_nova(server_optimizer: optax.GradientTransformation, momentum: float = 0.0) -> FedAlgorithm:
+  """FedNova: each delta divided by its client's :func:`accumulation_norm` (client optimizer
+  momentum ``momentum``; 0 for plain SGD, where it is the step count), sample-weighted, and
+  rescaled by the weighted mean norm, so unequal local work does not bias the aggregate.
+
+  Example::
+
+      fed_nova(optax.sgd(1.0), momentum=0.9)
+  """
+  return _algorithm(server_optimizer, lambda steps: [accumulation_norm(s, momentum) for s in steps])
