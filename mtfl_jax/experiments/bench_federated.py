@@ -128,7 +128,7 @@ def run_fed_scenario(sc: FedScenario, rounds: int, num_clients: int, per_round: 
     h = res.history
     if policy == "none":
       budget = res.virtual_time_s
-      out["time_budget_s"] = round(budget, 4)
+      out["time_budget_s"] = round(budget, 6)  # as precise as the round times it bounds
     busy = [h_["round_time_s"] - v for h_ in h for v in h_["idle_s"].values()]
     idle = [v for h_ in h for v in h_["idle_s"].values()]
     meas = [v for h_ in h for v in h_["clock_measured"].values()]
