@@ -329,3 +329,36 @@ def test_resume_uses_the_checkpoints_model_and_corrections(tmp_path, monkeypatch
   assert [h["round"] for h in res.history] == [0, 1, 2]
   assert res.history == ref.history
   jax.tree.map(np.testing.assert_array_equal, res.state.params, ref.state.params)
+
+
+def test_fed_nova_nominal_equals_fedavg_of_the_clients_nominal_work():
+  """Clients with constant gradients g_c run momentum SGD (rho 0.9) for tau_c steps, but their
+  epochs asked for nominal_c steps. Normalised to nominal work, the aggregate must equal
+  FedAvg of the runs every client would have made with its nominal steps (both computed by
+  a direct numpy loop of optax-style momentum SGD), and a client whose work was not changed
+  must enter exactly as in FedAvg."""
+  import optax
+  from mtfl_jax.federated import ClientUpdates, fed_avg, fed_nova_nominal
+
+  def run(g, steps, lr=0.1, rho=0.9):  # optax.sgd(momentum): v = rho v + g; x -= lr v
+    x, v = np.zeros_like(g), np.zeros_like(g)
+    for _ in range(steps):
+      v = rho * v + g
+      x = x - lr * v
+    return x
+
+  g = np.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 1.0]], np.float32)
+  samples, steps, nominal = [10, 30, 20], [2, 14, 5], [6, 7, 5]
+  deltas = {"w": jnp.asarray(np.stack([run(gc, s) for gc, s in zip(g, steps)]))}
+  params = {"w": jnp.zeros(2)}
+  tx = optax.sgd(1.0)
+  algo = fed_nova_nominal(tx, 0.9)
+  got = algo.apply(algo.init(params), ClientUpdates(deltas, {}, samples, steps, nominal)).params["w"]
+  want_deltas = {"w": jnp.asarray(np.stack([run(gc, s) for gc, s in zip(g, nominal)]))}
+  avg = fed_avg(tx)
+  want = avg.apply(avg.init(params), ClientUpdates(want_deltas, {}, samples, nominal)).params["w"]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # with no change of work it is FedAvg itself
+  same = algo.apply(algo.init(params), ClientUpdates(deltas, {}, samples, steps, steps)).params["w"]
+  plain = avg.apply(avg.init(params), ClientUpdates(deltas, {}, samples, steps)).params["w"]
+  np.testing.assert_allclose(same, plain, rtol=1e-6)

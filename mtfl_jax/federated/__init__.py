@@ -35,7 +35,7 @@ Example::
 """
 from mtfl_jax.federated.algorithms import (ClientUpdates, FedAlgorithm, ModelServerState, ServerState,
                                            accumulation_norm, aggregate, average_model_state, fed_avg, fed_nova,
-                                           fednova_norm_kind)
+                                           fed_nova_nominal, fednova_norm_kind)
 from mtfl_jax.federated.config import SIMULATORS, FedConfig, check_config
 from mtfl_jax.federated.driver import (FAULTS, CheckpointError, ClientFailure, FedResult, NonFiniteUpdate, Restored,
                                        apply_round, calibrate_mix, check_faults, init_server, restore_latest,
@@ -51,7 +51,7 @@ __all__ = [
     "calibrate_mix", "check_config", "check_faults", "CheckpointError", "choose_mode", "ClientFailure",
     "client_final", "client_init", "client_key", "ClientResults", "client_seed", "ClientUpdates",
     "ClientWork", "drop_late_clients", "FAULTS", "fed_avg", "fed_nova", "FED_POLICIES", "FedAlgorithm",
-    "FedConfig", "Federation", "fednova_norm_kind", "FedPolicy", "FedResult", "init_server",
+    "FedConfig", "Federation", "fed_nova_nominal", "fednova_norm_kind", "FedPolicy", "FedResult", "init_server",
     "ModelServerState", "NonFiniteUpdate", "plan_round", "POLICIES", "Restored", "restore_latest",
     "run_clients", "run_federated", "scale_work_to_deadline", "server_algorithm", "ServerState",
     "SIMULATORS", "task_scales",

@@ -39,7 +39,7 @@ import optax
 
 from mtfl_jax.calibration import calibrate_mix
 from mtfl_jax.clock import MixCorrections
-from mtfl_jax.federated.algorithms import (ClientUpdates, FedAlgorithm, ServerState, fed_avg, fed_nova,
+from mtfl_jax.federated.algorithms import (ClientUpdates, FedAlgorithm, ServerState, fed_avg, fed_nova_nominal,
                                            fednova_norm_kind)
 from mtfl_jax.federated.config import FedConfig
 from mtfl_jax.federated.federation import Federation, build_federation
@@ -77,7 +77,7 @@ def server_algorithm(cfg: FedConfig, policy: FedPolicy, task) -> tuple[FedAlgori
   if not policy.fednova:
     return fed_avg(tx), None
   rho, note = fednova_norm_kind(task)
-  return fed_nova(tx, rho or 0.0), note
+  return fed_nova_nominal(tx, rho or 0.0), note + ", to each client's nominal work"
 
 
 def init_server(cfg: FedConfig) -> ServerState:
@@ -167,7 +167,8 @@ def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
     if note is not None:
       norm_kind[t] = note
     n = [len(by_client[c].indices) for c in res.clients]
-    models[t] = algo.apply(glob, ClientUpdates(deltas, res.model_states, n, steps))
+    nominal = [plan[c].get("nominal_workloads", plan[c]["workloads"])[t] for c in res.clients]
+    models[t] = algo.apply(glob, ClientUpdates(deltas, res.model_states, n, steps, nominal))
     if callback:
       callback("task_done", rnd)
   diag = {"round": rnd, "sampled": sampled, "round_time_s": round_time, "deadline_s": deadline,

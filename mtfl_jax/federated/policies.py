@@ -90,6 +90,7 @@ def scale_work_to_deadline(fed: Federation, model: VRModel, plan: dict, clock) -
       continue
     wl = {t: w for t, w in p["workloads"].items() if w > 0}
     k = task_scales({t: w * model.solo_step_s[t] for t, w in wl.items()}, scale, lo, hi)
+    p["nominal_workloads"] = dict(p["workloads"])  # what FedNova normalises back to
     p["workloads"] = {t: (max(1, int(round(w * k[t]))) if w > 0 else 0) for t, w in p["workloads"].items()}
     p["compute_s"], p["measured"] = clock(p["workloads"], c)
   return deadline if late else None
