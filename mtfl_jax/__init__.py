@@ -14,7 +14,7 @@ Example::
     jobs = [mt.Job("digits_mlp", 2000), mt.Job("shapes_unet", 30)]
     result, plan = mt.run_round(jobs, policy="competitive", backend="processes")
 
-Your own task (see docs/your_own_task.md)::
+Your own task (README, "Your own task")::
 
     mine = mt.Task("mine", MyNet(), mt.Dataset.from_arrays("mine", x, y, xt, yt),
                    optimizer=optax.adam(1e-3))
