@@ -19,21 +19,27 @@ def _title(fig, text: str, device: str, note: str | None):
   fig.suptitle(f"{text}\nmeasured on {device}" + (f"\n{note}" if note else ""), fontsize=10)
 
 
+def _profile_panels(ax, rows, rotation: int):
+  """Step time (log), FLOPs per step (log) and % of the matmul peak of profile JSON rows,
+  on three axes (fig. 1 and :func:`profile_bars`)."""
+  names = [p["task"] for p in rows]
+  ax[0].bar(names, [p["step_time_s"] * 1e3 for p in rows], color="#0072b2")
+  ax[0].set_yscale("log")
+  ax[0].set_ylabel("step time (ms, log)")
+  ax[1].bar(names, [p["flops_per_step"] / 1e6 for p in rows], color="#d55e00")
+  ax[1].set_yscale("log")
+  ax[1].set_ylabel("MFLOP per step (log)")
+  ax[2].bar(names, [100 * p["peak_fraction"] for p in rows], color="#009e73")
+  ax[2].set_ylabel("% of measured matmul peak")
+  for a in ax:
+    a.tick_params(axis="x", rotation=rotation)
+
+
 def fig1_workloads(d: dict, note: str | None = None):
   """Per-task step time, FLOPs and share of the device peak; per-client workload skew."""
   prof = d["profiles"]
-  names = [p["task"] for p in prof]
   fig, ax = plt.subplots(1, 4, figsize=(17, 3.8))
-  ax[0].bar(names, [p["step_time_s"] * 1e3 for p in prof], color="#0072b2")
-  ax[0].set_yscale("log")
-  ax[0].set_ylabel("step time (ms, log)")
-  ax[1].bar(names, [p["flops_per_step"] / 1e6 for p in prof], color="#d55e00")
-  ax[1].set_yscale("log")
-  ax[1].set_ylabel("MFLOP per step (log)")
-  ax[2].bar(names, [100 * p["peak_fraction"] for p in prof], color="#009e73")
-  ax[2].set_ylabel("% of measured matmul peak")
-  for a in ax[:3]:
-    a.tick_params(axis="x", rotation=30)
+  _profile_panels(ax[:3], prof, rotation=30)
   w = np.array(d["client_solo_work_s"])  # [clients, tasks]
   im = ax[3].imshow(w.T, aspect="auto", cmap="viridis")
   ax[3].set_yticks(range(len(d["partition_tasks"])), d["partition_tasks"])
@@ -219,18 +225,8 @@ def profile_bars(profiles, title: str = "Solo profiles"):
   """Step time (log), FLOPs per step (log) and share of the matmul peak of
   :class:`~mtfl_jax.profiling.TaskProfile` values (or their JSON dicts)."""
   rows = [p if isinstance(p, dict) else p.to_json() for p in profiles]
-  names = [p["task"] for p in rows]
   fig, ax = plt.subplots(1, 3, figsize=(11, 3.2))
-  ax[0].bar(names, [p["step_time_s"] * 1e3 for p in rows], color="#0072b2")
-  ax[0].set_yscale("log")
-  ax[0].set_ylabel("step time (ms, log)")
-  ax[1].bar(names, [p["flops_per_step"] / 1e6 for p in rows], color="#d55e00")
-  ax[1].set_yscale("log")
-  ax[1].set_ylabel("MFLOP per step (log)")
-  ax[2].bar(names, [100 * p["peak_fraction"] for p in rows], color="#009e73")
-  ax[2].set_ylabel("% of measured matmul peak")
-  for a in ax:
-    a.tick_params(axis="x", rotation=20)
+  _profile_panels(ax, rows, rotation=20)
   fig.suptitle(f"{title} on {rows[0]['device']}" if rows else title, fontsize=10)
   fig.tight_layout()
   return fig
