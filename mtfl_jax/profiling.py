@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtfl_jax.data import default_data_dir, load_dataset
+from mtfl_jax.data import default_data_dir
 from mtfl_jax.results import read_json, reading, write_json
 from mtfl_jax.tasks import Task, get_task
 from mtfl_jax.timing import time_calls

@@ -11,7 +11,6 @@ import pytest
 import mtfl_jax as mt
 from mtfl_jax.backends import Job, open_backend
 from mtfl_jax.backends.base import check_shares, slice_schedule
-from mtfl_jax.backends.fused import make_fused_slice
 from mtfl_jax.backends.processes import WorkerError, cpu_placement
 
 JOBS = [Job("digits_mlp", 40, seed=1), Job("mnist_lenet", 6, seed=2)]

@@ -13,7 +13,7 @@ import optax
 
 from mtfl_jax.clock import MixCorrections, client_compute_time, mix_key
 from mtfl_jax.federated import (POLICIES, ClientWork, FedConfig, NonFiniteUpdate, accumulation_norm, aggregate,
-                                build_federation, client_seed, fednova_norm_kind, init_server, plan_round,
+                                build_federation, client_seed, fednova_norm_kind, init_server,
                                 run_clients, run_federated)
 from mtfl_jax.train import batch_indices
 from mtfl_jax.vresource import VRModel

@@ -2,7 +2,6 @@
 of the shares: the tests assert the winner without timing noise."""
 import itertools
 
-import numpy as np
 import pytest
 
 from mtfl_jax.backends import Job, RunResult, Runner

@@ -38,7 +38,7 @@ from typing import Mapping
 import cloudpickle
 import numpy as np
 
-from mtfl_jax.backends.base import Job, RunResult, Runner, check_shares, register, sync_every
+from mtfl_jax.backends.base import RunResult, Runner, check_shares, register, sync_every
 
 
 class WorkerError(RuntimeError):
