@@ -98,6 +98,23 @@ def _user_errors() -> tuple:
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
+def _redeliver_swallowed_ctrl_c(unraisable, _previous=sys.unraisablehook):
+  """``sys.unraisablehook`` that re-delivers a Ctrl-C Python could not raise.
+
+  A SIGINT that lands while a garbage-collector callback or ``__del__`` runs (JAX has one:
+  ``_xla_gc_callback``) raises ``KeyboardInterrupt`` there, where Python only prints "Exception
+  ignored in ..." and carries on: the user's Ctrl-C would be lost. This hook hands it back to the
+  main thread as a fresh SIGINT instead, sent a moment later from a helper thread (sent from
+  here it would be raised inside this hook and be swallowed again; should it land in another
+  callback, this hook runs again)."""
+  if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+    import threading
+    main_id = threading.main_thread().ident
+    threading.Timer(0.1, signal.pthread_kill, (main_id, signal.SIGINT)).start()
+    return
+  _previous(unraisable)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m mtfl_jax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -132,6 +149,7 @@ def main(argv=None) -> int:
   re_.set_defaults(fn=_reproduce)
 
   args = p.parse_args(argv)
+  hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
   try:
     args.fn(args)
   except KeyboardInterrupt:
@@ -145,6 +163,8 @@ def main(argv=None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
     raise
+  finally:
+    sys.unraisablehook = hook
   return 0
 
 
