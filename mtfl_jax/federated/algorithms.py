@@ -63,9 +63,17 @@ class ClientUpdates:
 
 
 class FedAlgorithm(NamedTuple):
-  """``init(params, model_state) -> ModelServerState``; ``apply(state, updates) -> state``."""
+  """``init(params, model_state) -> ModelServerState``; ``apply(state, updates) -> state``.
+
+  The built-ins also split ``apply`` in two, for simulators that reduce over clients where
+  they run (:mod:`~mtfl_jax.federated.sharded`): ``weights(samples, steps, nominal_steps)``
+  gives each client's weight ``p_c`` in the aggregate delta ``sum_c p_c delta_c``, and
+  ``apply_mean(state, delta, model_state)`` applies an aggregate delta and the clients'
+  sample-weighted mean model_state."""
   init: Callable[[Any, Any], ModelServerState]
   apply: Callable[[ModelServerState, ClientUpdates], ModelServerState]
+  weights: Callable[..., Any] | None = None
+  apply_mean: Callable[[ModelServerState, Any, Any], ModelServerState] | None = None
 
 
 def accumulation_norm(steps: int, momentum: float = 0.0) -> float:
@@ -100,17 +108,25 @@ def fednova_norm_kind(task) -> tuple[float | None, str]:
   return float(rho), f"accumulation norm, momentum {float(rho):g}" if rho else "steps (plain SGD)"
 
 
+def client_weights(samples, norms=None, target_norms=None) -> jax.Array:
+  """Each client's weight in the aggregate delta (see :func:`aggregate`): ``p_c = n_c / sum n``
+  (FedAvg); with ``norms``, ``p_c / norm_c * sum_c' p_c' norm_c'`` (FedNova); with
+  ``target_norms`` too, ``p_c * target_c / norm_c``."""
+  p = jnp.asarray(samples, jnp.float32)
+  p = p / p.sum()
+  if norms is not None:
+    a = jnp.asarray(norms, jnp.float32)
+    p = p / a * (jnp.asarray(target_norms, jnp.float32) if target_norms is not None else jnp.sum(p * a))
+  return p
+
+
 def aggregate(deltas, samples, norms=None, target_norms=None):
   """Sample-weighted average of stacked deltas (leading axis: clients): FedAvg; with
   ``norms`` (each client's :func:`accumulation_norm`), FedNova's normalised average
   ``(sum_c p_c norm_c) * sum_c p_c delta_c / norm_c``; with ``target_norms`` too, each
   normalised delta is brought to its own client's target norm instead of the common mean:
   ``sum_c p_c delta_c * target_c / norm_c``."""
-  p = jnp.asarray(samples, jnp.float32)
-  p = p / p.sum()
-  if norms is not None:
-    a = jnp.asarray(norms, jnp.float32)
-    p = p / a * (jnp.asarray(target_norms, jnp.float32) if target_norms is not None else jnp.sum(p * a))
+  p = client_weights(samples, norms, target_norms)
   return jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), deltas)
 
 
@@ -126,18 +142,26 @@ def _algorithm(server_optimizer: optax.GradientTransformation, norms_of, to_nomi
   def init(params, model_state=None) -> ModelServerState:
     return ModelServerState(params, server_optimizer.init(params), {} if model_state is None else model_state)
 
-  def apply(state: ModelServerState, updates: ClientUpdates) -> ModelServerState:
+  def weights(samples, steps, nominal_steps=None):
     target = None
     if to_nominal:
-      target = norms_of(updates.nominal_steps if updates.nominal_steps is not None else updates.steps)
-    delta = aggregate(updates.deltas, updates.samples, norms_of(updates.steps), target)
+      target = norms_of(nominal_steps if nominal_steps is not None else steps)
+    return client_weights(samples, norms_of(steps), target)
+
+  def apply_mean(state: ModelServerState, delta, model_state) -> ModelServerState:
     # the aggregate delta is a descent direction: the server optimizer gets it as a gradient
     upd, opt_state = server_optimizer.update(jax.tree.map(jnp.negative, delta), state.opt_state, state.params)
-    model_state = (average_model_state(updates.model_states, updates.samples)
-                   if jax.tree.leaves(state.model_state) else state.model_state)
+    model_state = model_state if jax.tree.leaves(state.model_state) else state.model_state
     return ModelServerState(optax.apply_updates(state.params, upd), opt_state, model_state)
 
-  return FedAlgorithm(init, apply)
+  def apply(state: ModelServerState, updates: ClientUpdates) -> ModelServerState:
+    p = weights(updates.samples, updates.steps, updates.nominal_steps)
+    delta = jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), updates.deltas)
+    model_state = (average_model_state(updates.model_states, updates.samples)
+                   if jax.tree.leaves(state.model_state) else state.model_state)
+    return apply_mean(state, delta, model_state)
+
+  return FedAlgorithm(init, apply, weights, apply_mean)
 
 
 def fed_avg(server_optimizer: optax.GradientTransformation) -> FedAlgorithm:

@@ -19,7 +19,7 @@ import numpy as np
 from mtfl_jax.clock import SPEED_SIGMA
 from mtfl_jax.tasks import Task, get_task, task_names
 
-SIMULATORS = ("auto", "loop", "vmap")
+SIMULATORS = ("auto", "loop", "vmap", "sharded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,11 @@ class FedConfig:
   server_lr: float = 1.0
   seed: int = 0
   eval_every: int = 1
+  # How clients are simulated: "loop" or "vmap" on one device, "auto" (whichever of the two
+  # measures faster), "sharded" (over a ``clients`` mesh of ``devices`` devices, all processes
+  # of a jax.distributed run included; mtfl_jax.federated.sharded).
   simulator: str = "auto"
+  devices: int | None = None  # "sharded": how many devices (None: all)
   speed_sigma: float = SPEED_SIGMA
   trace: str | None = None
   client_timeout_s: float | None = None  # virtual seconds; slower clients are dropped
@@ -132,6 +136,8 @@ def check_config(cfg: FedConfig) -> None:
   number("time_budget_s", 0, none_ok=True, extra=" (or None)")
   if cfg.policy not in POLICIES:
     bad(f"unknown policy {cfg.policy!r}; valid: {', '.join(POLICIES)}")
+  if cfg.devices is not None:
+    integer("devices", 1)
   if cfg.simulator not in SIMULATORS:
     bad(f"unknown simulator {cfg.simulator!r}; valid: {', '.join(SIMULATORS)}")
   if cfg.trace is not None and not isinstance(cfg.trace, (str, Path)):

@@ -143,32 +143,41 @@ def apply_round(fed: Federation, state: ServerState, model: VRModel, rnd: int,
       works.append(ClientWork(c, fed.shards[t][c], plan[c]["workloads"][t], client_seed(cfg.seed, rnd, ti, c)))
     if not works:
       continue  # no client of this task reported back: keep its global model
-    mode = cfg.simulator
-    if mode == "auto":
-      if t not in fed.modes:
-        fed.modes[t] = choose_mode(task, ds, glob.params, works, glob.model_state)
-      mode = fed.modes[t]
-    res = run_clients(task, ds, glob.params, works, mode, glob.model_state)
-    deltas = res.deltas
-    nan_rows = [k for k, c in enumerate(res.clients) if fault.get(c) == "nan"]
-    if nan_rows:
-      deltas = jax.tree.map(lambda d: d.at[np.array(nan_rows)].set(jnp.nan), deltas)
-    finite = _finite_rows(deltas, len(res.clients)) & _finite_rows(res.model_states, len(res.clients))
+    algo, note = server_algorithm(cfg, policy, task)
+    if note is not None:
+      norm_kind[t] = note
+    n = [len(w.indices) for w in works]
+    steps = [w.steps for w in works]
+    nominal = [plan[w.client].get("nominal_workloads", plan[w.client]["workloads"])[t] for w in works]
+    if cfg.simulator == "sharded":  # the weighted reduction runs on the devices
+      res = fed.sharded_clients(t).run(glob.params, glob.model_state, works, algo.weights(n, steps, nominal),
+                                       np.asarray(n, np.float32) / sum(n),
+                                       [fault.get(w.client) == "nan" for w in works])
+      finite = np.array([res.finite[c] for c in res.clients])
+    else:
+      mode = cfg.simulator
+      if mode == "auto":
+        if t not in fed.modes:
+          fed.modes[t] = choose_mode(task, ds, glob.params, works, glob.model_state)
+        mode = fed.modes[t]
+      res = run_clients(task, ds, glob.params, works, mode, glob.model_state)
+      deltas = res.deltas
+      nan_rows = [k for k, c in enumerate(res.clients) if fault.get(c) == "nan"]
+      if nan_rows:
+        deltas = jax.tree.map(lambda d: d.at[np.array(nan_rows)].set(jnp.nan), deltas)
+      finite = _finite_rows(deltas, len(res.clients)) & _finite_rows(res.model_states, len(res.clients))
     if not finite.all():
       bad = res.clients[int(np.flatnonzero(~finite)[0])]
       raise NonFiniteUpdate(f"task '{t}', round {rnd}, client {bad}: the local update is not "
                             "finite (NaN/inf loss). Lower the task's learning rate; the run stopped "
                             "and its last good checkpoint is kept.")
-    by_client = {w.client: w for w in works}
-    steps = [by_client[c].steps for c in res.clients]
     samples_done += sum(steps) * task.batch_size
     work_by_task[t] = sum(steps) * float(model.solo_step_s[t])
-    algo, note = server_algorithm(cfg, policy, task)
-    if note is not None:
-      norm_kind[t] = note
-    n = [len(by_client[c].indices) for c in res.clients]
-    nominal = [plan[c].get("nominal_workloads", plan[c]["workloads"])[t] for c in res.clients]
-    models[t] = algo.apply(glob, ClientUpdates(deltas, res.model_states, n, steps, nominal))
+    if cfg.simulator == "sharded":
+      models[t] = algo.apply_mean(glob, jax.tree.map(jnp.asarray, res.delta),
+                                  jax.tree.map(jnp.asarray, res.model_state))
+    else:
+      models[t] = algo.apply(glob, ClientUpdates(deltas, res.model_states, n, steps, nominal))
     if callback:
       callback("task_done", rnd)
   diag = {"round": rnd, "sampled": sampled, "round_time_s": round_time, "deadline_s": deadline,

@@ -28,6 +28,15 @@ class Federation:
   fleet: Fleet
   model_bytes: dict  # task -> bytes a client downloads (and uploads): params and model_state
   modes: dict = dataclasses.field(default_factory=dict)  # task -> "loop" | "vmap" (auto's choice)
+  sharded: dict = dataclasses.field(default_factory=dict)  # task -> ShardedClients (simulator="sharded")
+
+  def sharded_clients(self, task: str):
+    """The :class:`~mtfl_jax.federated.sharded.ShardedClients` of ``task`` over the config's
+    ``devices`` (built once: the dataset goes to the devices once, programs compile once)."""
+    if task not in self.sharded:
+      from mtfl_jax.federated.sharded import ShardedClients, client_mesh
+      self.sharded[task] = ShardedClients(self.cfg.task(task), self.datasets[task], client_mesh(self.cfg.devices))
+    return self.sharded[task]
 
   def workloads(self, client: int, epochs: float | Mapping[str, float] | None = None) -> dict[str, int]:
     """Local steps of each task on ``client`` for ``epochs`` (default: the config's)."""
