@@ -1,4 +1,4 @@
-"""Command line: ``python -m mtfl_jax {profile,download,bench,reproduce} ...``.
+"""Command line: ``python -m mtfl_jax {profile,download,bench,federate,reproduce} ...``.
 
 Errors the user can act on end in one ``error: ...`` line and exit code 2; Ctrl-C ends in one
 ``interrupted: ...`` line saying what was kept and how to resume, and exit code 130.
@@ -51,6 +51,94 @@ def _bench(args):
     bench_federated(quick=not args.full, json_path=args.json)
 
 
+def _federate_config(args):
+  """The FedConfig of ``federate``: the --config file's settings, then the flags given."""
+  from mtfl_jax.federated import FedConfig
+  from mtfl_jax.results import read_json
+  base = {}
+  if args.config:
+    base = read_json(args.config, "the run's config file", "give a JSON object of FedConfig fields, e.g. "
+                     '{"tasks": ["digits_mlp"], "rounds": 20}')
+    if not isinstance(base, dict):
+      raise ValueError(f"{args.config}: a config file must hold a JSON object of FedConfig fields")
+    unknown = set(base) - set(FedConfig.__dataclass_fields__) - {"task_defs"}
+    if unknown:
+      raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}; valid: "
+                       f"{', '.join(f for f in FedConfig.__dataclass_fields__ if f != 'task_defs')}")
+  flags = {"tasks": args.tasks, "num_clients": args.clients, "clients_per_round": args.clients_per_round,
+           "rounds": args.rounds, "policy": args.policy, "alpha": args.alpha, "local_epochs": args.epochs,
+           "presence": args.presence, "trace": args.trace, "time_budget_s": args.time_budget, "seed": args.seed,
+           "eval_every": args.eval_every, "simulator": args.simulator}
+  cfg = {**base, **{k: v for k, v in flags.items() if v is not None}}
+  if isinstance(cfg.get("tasks"), str):
+    cfg["tasks"] = tuple(t for t in cfg["tasks"].split(",") if t)
+  if cfg.get("alpha") == 0:
+    cfg["alpha"] = None  # --alpha 0: no label skew
+  cfg.setdefault("simulator", "sharded")
+  if args.devices is not None and args.processes == 1:
+    cfg["devices"] = args.devices
+  if "num_clients" in cfg and "clients_per_round" not in cfg:
+    cfg["clients_per_round"] = cfg["num_clients"]
+  return FedConfig(**cfg)
+
+
+def _join(args) -> bool:
+  """Sets up devices and processes before any JAX computation; False: this process only
+  launches the local processes (``--processes N`` without ``--process-id``)."""
+  from mtfl_jax import distributed
+  if args.processes > 1 and args.process_id is None:
+    return False
+  if args.process_id is not None:
+    distributed.use_cpu_devices(args.devices_per_process)
+    distributed.initialize(args.coordinator, args.processes, args.process_id, timeout_s=args.join_timeout)
+  elif args.devices is not None:
+    distributed.use_cpu_devices(args.devices)
+  return True
+
+
+def _launch(args) -> int:
+  from mtfl_jax import distributed
+  argv = list(args.argv)
+  drop = {"--processes", "--devices-per-process", "--devices"}
+  keep, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+      continue
+    if a in drop:
+      skip = True
+      continue
+    if any(a.startswith(d + "=") for d in drop):
+      continue
+    keep.append(a)
+  per = args.devices_per_process or max(1, (args.devices or args.processes) // args.processes)
+  return distributed.launch_local(keep, args.processes, devices_per_process=per, timeout_s=args.join_timeout)
+
+
+def _federate(args):
+  from mtfl_jax.results import check_writable
+  cfg = _federate_config(args)
+  check_writable(args.workdir, "--workdir", directory=True)
+  if not _join(args):
+    return _launch(args)
+  import jax
+
+  from mtfl_jax.federated import run_federated
+  from mtfl_jax.federated.outputs import write_outputs
+  main = jax.process_index() == 0
+  if main:
+    print(f"federate: {', '.join(cfg.tasks)}; {cfg.clients_per_round} of {cfg.num_clients} clients per round, "
+          f"{cfg.rounds} rounds, policy {cfg.policy}, simulator {cfg.simulator} on {len(jax.devices())} "
+          f"device(s) in {jax.process_count()} process(es); workdir {args.workdir}", flush=True)
+  res = run_federated(cfg, workdir=args.workdir, progress=main)
+  if main:
+    out = write_outputs(res, args.workdir)
+    acc = ", ".join(f"{t} {a:.3f}" for t, a in res.final_accuracy().items())
+    print(f"done: {len(res.history)} rounds, {res.virtual_time_s:.1f} virtual s, final accuracy {acc}; "
+          f"wrote {', '.join(str(p) for p in out.values())}")
+  return 0
+
+
 def _reproduce(args):
   from mtfl_jax.experiments.reproduce import reproduce
   from mtfl_jax.results import check_writable
@@ -77,6 +165,9 @@ def _interrupted(args) -> str:
       kept = f"; calibrations measured so far are kept in {store_path()} and not measured again"
     return (f"interrupted: no results written{' to ' + args.json if args.json else ''} (the benchmark writes "
             f"them when it ends){kept}; rerun the same command")
+  if args.cmd == "federate":
+    return (f"interrupted: the checkpoints of finished rounds are kept in {Path(args.workdir) / 'checkpoints'}; "
+            "rerun the same command to resume")
   if args.cmd == "download":
     from mtfl_jax.data import default_data_dir
     where = Path(args.data_dir or default_data_dir()) / "downloads"
@@ -148,10 +239,41 @@ def main(argv=None) -> int:
   re_.add_argument("--seed", type=int, default=0)
   re_.set_defaults(fn=_reproduce)
 
+  dist = argparse.ArgumentParser(add_help=False)
+  g = dist.add_argument_group("devices and processes")
+  g.add_argument("--devices", type=int, help="devices for the clients mesh (on a CPU: that many CPU devices)")
+  g.add_argument("--processes", type=int, default=1, help="processes joined by jax.distributed; "
+                 "without --process-id, N local processes are started")
+  g.add_argument("--process-id", type=int, help="this process's id, in a run started by hand on several hosts")
+  g.add_argument("--coordinator", help="HOST:PORT of process 0 (with --process-id)")
+  g.add_argument("--devices-per-process", type=int, help="CPU devices in each process")
+  g.add_argument("--join-timeout", type=int, default=60, help="seconds to wait for the other processes")
+
+  fe = sub.add_parser("federate", parents=[dist], help="run your own federated experiment (history, checkpoints, figures)")
+  fe.add_argument("--workdir", required=True, help="checkpoints, history.json and figures go here; rerun to resume")
+  fe.add_argument("--config", help="JSON file of FedConfig settings (flags given override it)")
+  fe.add_argument("--tasks", help="comma-separated registered task names (default digits_mlp)")
+  fe.add_argument("--clients", type=int, help="clients in the federation")
+  fe.add_argument("--clients-per-round", type=int, help="clients sampled per round (default: all)")
+  fe.add_argument("--rounds", type=int)
+  fe.add_argument("--policy", help="none, intra, deadline or full")
+  fe.add_argument("--alpha", type=float, help="Dirichlet label skew (0: none)")
+  fe.add_argument("--epochs", type=float, help="local epochs per round")
+  fe.add_argument("--presence", type=float, help="probability that a client holds a task")
+  fe.add_argument("--trace", help="fleet trace JSON (client speeds)")
+  fe.add_argument("--time-budget", type=float, help="virtual seconds; stop before a round would end past it")
+  fe.add_argument("--seed", type=int)
+  fe.add_argument("--eval-every", type=int)
+  fe.add_argument("--simulator", help="sharded (default), auto, loop or vmap")
+  fe.set_defaults(fn=_federate)
+
   args = p.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
   try:
-    args.fn(args)
+    code = args.fn(args)
+    if isinstance(code, int) and code:
+      return code
   except KeyboardInterrupt:
     # A second Ctrl-C while the message is printed and the interpreter shuts down would end
     # the process by SIGINT instead of the documented exit code 130.

@@ -241,8 +241,16 @@ def _evaluate_all(fed: Federation, state: ServerState) -> dict:
 
 def _manager(workdir: Path):
   import orbax.checkpoint as ocp
-  opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-  return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=opts)
+  # In a multi-process run every process reads the checkpoints and process 0 alone writes
+  # them: each process's manager works on its own (no cross-process barriers in orbax).
+  me = jax.process_index()
+  mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  opts = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False, create=False,
+                                      multiprocessing_options=mp, read_only=me != 0)
+  root = (workdir / "checkpoints").resolve()
+  if me == 0:
+    root.mkdir(parents=True, exist_ok=True)
+  return ocp.CheckpointManager(root, options=opts)
 
 
 class CheckpointError(RuntimeError):
@@ -297,7 +305,7 @@ def restore_latest(mgr, template: ServerState, workdir: Path, log=print) -> Rest
     except Exception as e:  # noqa: BLE001 - any failure to read means: try the one before
       skipped.append((step, " ".join(f"{type(e).__name__}: {e}".split())[:300]))
       continue
-    for bad, why in skipped:
+    for bad, why in skipped if jax.process_index() == 0 else ():  # process 0 moves them
       aside = workdir / "checkpoints.unreadable" / f"{bad}_{time.strftime('%Y%m%d-%H%M%S')}"
       aside.parent.mkdir(parents=True, exist_ok=True)
       Path(mgr.directory, str(bad)).rename(aside)
@@ -359,7 +367,8 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
   import orbax.checkpoint as ocp
   t_start = time.perf_counter()
   faults = check_faults(faults)
-  log = print if progress else (lambda m: None)
+  main = jax.process_index() == 0  # in a multi-process run, process 0 prints and writes files
+  log = print if progress and main else (lambda m: None)
   fed = fed or build_federation(cfg)
   state, history = init_server(cfg), []
   mgr = None
@@ -371,19 +380,26 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
     if cfg_file.exists() and same(read_json(cfg_file, "the run's config", f"delete it to reuse {workdir} (its checkpoints are kept) or use another workdir", fields=("tasks",))) != same(cfg.to_json()):
       raise ValueError(f"{workdir} holds a run with a different config; use another workdir "
                        "(nothing there was changed)")
-    write_json(cfg_file, cfg.to_json())
+    if main:
+      write_json(cfg_file, cfg.to_json())
     mgr = _manager(workdir)
     restored = restore_latest(mgr, state, workdir, log)
     if restored is not None:
       state, history = restored.state, restored.history
       model, corrections = _clock_inputs(restored.clock, model, corrections)
-  model = model or calibrate_mix(cfg.task_defs)
+  if jax.process_count() == 1:
+    model = model or calibrate_mix(cfg.task_defs)
+  else:  # one clock for all processes: process 0's (it alone calibrates; the others wait)
+    from mtfl_jax.distributed import broadcast_json
+    model = VRModel.from_json(broadcast_json((model or calibrate_mix(cfg.task_defs)).to_json() if main else None))
+    corr = broadcast_json(None if corrections is None or not main else corrections.to_json())
+    corrections = None if corr is None else MixCorrections.from_json(corr)
   missing = set(cfg.tasks) - set(model.solo_step_s)
   if missing:
     raise ValueError(f"the virtual-resource model knows no task {sorted(missing)}; calibrate it on {cfg.tasks}")
   clock = _clock_json(model, corrections)
   bar = None
-  if progress:
+  if progress and main:
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.rounds, initial=int(state.round), desc=f"FL {cfg.policy}", leave=False)
   vt = history[-1]["virtual_time_s"] if history else 0.0
@@ -402,7 +418,7 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
       if (rnd + 1) % cfg.eval_every == 0 or rnd + 1 == cfg.rounds:
         diag["accuracy"] = _evaluate_all(fed, state)
       history.append(diag)
-      if mgr is not None:
+      if mgr is not None and main:
         mgr.save(rnd + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(jax.tree.map(np.asarray, state)),
                                                   history=ocp.args.JsonSave(history),
                                                   clock=ocp.args.JsonSave(clock)))

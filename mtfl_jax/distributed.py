@@ -1,0 +1,190 @@
+"""Several devices and processes for the sharded simulator, on JAX's own machinery.
+
+* :func:`use_cpu_devices` makes JAX see ``n`` CPU devices (``jax_num_cpu_devices``), so
+  that the ``clients`` mesh of :mod:`mtfl_jax.federated.sharded` has ``n`` devices on a CPU.
+* :func:`initialize` joins a multi-process run (``jax.distributed.initialize``; CPU
+  collectives over gloo, GPU over NCCL), with bounded waits and errors that say what to do.
+* :func:`launch_local` starts ``N`` local processes of a ``python -m mtfl_jax`` command joined
+  that way (what ``federate --processes N`` and ``bench scale`` use), streams process 0's
+  output, and stops every process if one dies.
+
+Across hosts, start one process per host yourself with the same ``--coordinator HOST:PORT``
+and ``--processes N`` and its own ``--process-id`` (or the environment variables
+``MTFL_COORDINATOR``, ``MTFL_NUM_PROCESSES``, ``MTFL_PROCESS_ID``).
+
+Example::
+
+    from mtfl_jax import distributed
+    distributed.use_cpu_devices(2)        # before anything runs on JAX
+    run_federated(FedConfig(..., simulator="sharded"))
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Sequence
+
+import jax
+
+ENV = ("MTFL_COORDINATOR", "MTFL_NUM_PROCESSES", "MTFL_PROCESS_ID")
+
+
+class DistributedError(RuntimeError):
+  """A multi-process run could not start or lost a process."""
+
+
+def _backend_started() -> bool:
+  from jax._src import xla_bridge
+  return xla_bridge.backends_are_initialized()
+
+
+def use_cpu_devices(n: int) -> None:
+  """Makes JAX's CPU backend hold ``n`` devices. Must run before JAX starts its backend (the
+  first computation, or ``jax.devices()``); afterwards it only checks, and a different count
+  is a ``ValueError`` saying how to set it earlier."""
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"the number of devices must be an integer >= 1, got {n!r}")
+  if _backend_started():
+    have = len(jax.local_devices(backend="cpu"))
+    if have != n and jax.default_backend() == "cpu":
+      raise ValueError(f"JAX already started with {have} CPU device(s), so {n} cannot be set now; "
+                       "call mtfl_jax.distributed.use_cpu_devices before any JAX computation, or start "
+                       f"Python with XLA_FLAGS=--xla_force_host_platform_device_count={n}")
+    return
+  jax.config.update("jax_num_cpu_devices", n)
+
+
+def _check_address(coordinator: str) -> tuple[str, int]:
+  m = re.fullmatch(r"\[?([^\]]+?)\]?:(\d+)", str(coordinator or ""))
+  if not m or not 0 < int(m.group(2)) < 65536:
+    raise ValueError(f"coordinator address must be HOST:PORT (e.g. 10.0.0.1:1234), got {coordinator!r}")
+  return m.group(1), int(m.group(2))
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+               timeout_s: int = 60) -> None:
+  """Joins this process to a ``jax.distributed`` run (arguments default to the environment
+  variables ``MTFL_COORDINATOR``, ``MTFL_NUM_PROCESSES``, ``MTFL_PROCESS_ID``).
+
+  Every process waits at most ``timeout_s`` for the others (then a :class:`DistributedError`
+  names the coordinator and what to check), and a process that stops answering is noticed by
+  the others within ``timeout_s`` too (JAX's heartbeat)."""
+  coordinator = coordinator or os.environ.get("MTFL_COORDINATOR")
+  num_processes = int(num_processes if num_processes is not None else os.environ.get("MTFL_NUM_PROCESSES", 1))
+  process_id = int(process_id if process_id is not None else os.environ.get("MTFL_PROCESS_ID", 0))
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(f"process id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
+  if num_processes == 1:
+    return
+  _check_address(coordinator)
+  if _backend_started():
+    raise ValueError("JAX already started its backend in this process; join the multi-process run "
+                     "(mtfl_jax.distributed.initialize) before any JAX computation")
+  try:
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(timeout_s),
+                               heartbeat_timeout_seconds=max(10, int(timeout_s)))
+  except Exception as e:  # noqa: BLE001 - JAX raises several kinds; all mean the same to the user
+    why = " ".join(str(e).split())[:300]
+    raise DistributedError(
+        f"process {process_id} of {num_processes} could not join the run coordinated at {coordinator} "
+        f"within {timeout_s}s ({type(e).__name__}: {why}). Check that process 0 runs on that host and port, "
+        "that every process was given the same --processes, and that the port is reachable") from None
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch_local(args: Sequence[str], num_processes: int, devices_per_process: int = 1, timeout_s: int = 60,
+                 env: dict | None = None) -> int:
+  """Runs ``python -m mtfl_jax ARGS --processes N --process-id I --coordinator localhost:PORT
+  --devices-per-process D`` for I in 0..N-1 and returns process 0's exit code.
+
+  Process 0's output goes to this process's stdout/stderr; the others' output is kept and shown
+  only if they fail. If any process exits with an error, the others are stopped (at once) and a
+  :class:`DistributedError` names it and shows the end of its output. Ctrl-C stops them all."""
+  if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+    raise ValueError(f"--processes must be an integer >= 1, got {num_processes!r}")
+  coord = f"127.0.0.1:{free_port()}"
+  base = {**os.environ, **(env or {})}
+  # each process sets its own device count (--devices-per-process)
+  base["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", base.get("XLA_FLAGS", "")).strip()
+  procs, tails = [], []
+  for i in range(num_processes):
+    cmd = [sys.executable, "-m", "mtfl_jax", *args, "--processes", str(num_processes), "--process-id", str(i),
+           "--coordinator", coord, "--devices-per-process", str(devices_per_process),
+           "--join-timeout", str(int(timeout_s))]
+    out = None if i == 0 else subprocess.PIPE
+    procs.append(subprocess.Popen(cmd, env=base, stdout=out, stderr=subprocess.STDOUT if i else None, text=True))
+    tails.append([])
+  for i, p in enumerate(procs[1:], 1):  # keep the others' pipes drained (their last lines kept)
+    threading.Thread(target=_drain, args=(p.stdout, tails[i]), daemon=True).start()
+  try:
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+      if failed or all(c is not None for c in codes):
+        break
+      time.sleep(0.2)
+  except KeyboardInterrupt:
+    _stop(procs)
+    raise
+  if failed:
+    _stop(procs)
+    i = failed[0]
+    code = procs[i].returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    tail = "".join(tails[i][-8:]).strip()
+    if i == 0 and code == 2:
+      return 2  # process 0 printed its own one-line error
+    raise DistributedError(f"process {i} of {num_processes} {how}; the other processes were stopped"
+                           + (f". Its last output:\n{tail}" if tail else ""))
+  return procs[0].returncode
+
+
+def _drain(stream, keep: list) -> None:
+  for line in stream:
+    keep.append(line)
+    del keep[:-50]
+
+
+def _stop(procs) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGTERM)
+  deadline = time.monotonic() + 10
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+
+
+def is_main_process() -> bool:
+  """Whether this process writes the run's files (checkpoints, history, figures): process 0."""
+  return jax.process_index() == 0
+
+
+def broadcast_json(obj):
+  """``obj`` (JSON-able) as process 0 has it, on every process (a no-op in one process)."""
+  if jax.process_count() == 1:
+    return obj
+  import json
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj, default=float).encode(), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+  n = int(multihost_utils.broadcast_one_to_all(np.int64(raw.size)))
+  buf = np.zeros(n, np.uint8)
+  buf[:raw.size] = raw[:n]
+  out = multihost_utils.broadcast_one_to_all(buf)
+  return json.loads(np.asarray(out).tobytes().decode())
