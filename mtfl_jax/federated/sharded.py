@@ -15,9 +15,11 @@ Memory stays bounded by the chunk, not the round: batches are gathered on the de
 task's training set (placed once on every device) by index, one step at a time, so a round of
 1,000 clients never holds 1,000 clients' batches or states at once.
 
-Compilation: programs depend on the chunk shape only (``k`` is a power of two, the step axis
-of the index array a power of two >= 16), not on a round's step counts: the host loops over
-steps (masked for clients that are done), so a new largest client workload does not recompile.
+Compilation: programs depend on the chunk shape only, not on a round's step counts. ``k`` is
+fixed by the first round (later rounds with more clients run more chunks, with fewer are
+padded), the host loops over steps (masked for clients that are done) and sends the batch
+indices in windows of :data:`WINDOW` steps, so a new largest client workload, or a round with
+fewer clients, compiles nothing: after the first round a run compiles no more programs.
 
 Multi-process (``jax.distributed``): the mesh spans every process's devices; each process
 builds only its own devices' share of the per-client inputs
@@ -46,8 +48,10 @@ from mtfl_jax.train import has_convolution, make_train_step
 
 CLIENTS = "clients"
 INNER = ("vmap", "loop")
-# Clients per device per chunk (a cap; fewer when a round has fewer clients).
+# Clients per device per chunk (a cap; fewer when the first round has fewer clients).
 K_MAX = {"vmap": 64, "loop": 1}
+# Local steps whose batch indices go to the devices at once.
+WINDOW = 16
 
 try:
   _shard_map = jax.shard_map
@@ -132,6 +136,7 @@ class ShardedClients:
     self.x = global_array(ds.x_train, self._rep)
     self.y = global_array(ds.y_train, self._rep)
     self._steps: dict = {}
+    self.k: int | None = None  # clients per device per chunk, fixed by the first round
     self.compiles = 0  # programs built (tests check that later rounds build none)
     self._programs: dict = {}
 
@@ -191,8 +196,11 @@ class ShardedClients:
 
   # ------------------------------------------------------------------ a round
   def chunk_size(self, n: int) -> int:
-    """Clients per device in each chunk for a round of ``n`` clients (a power of two)."""
-    return min(self.k_max, _pow2(-(-n // self.devices)))
+    """Clients per device in each chunk: fixed by the first round (of ``n`` clients) to a
+    power of two, at most ``per_device``."""
+    if self.k is None:
+      self.k = min(self.k_max, _pow2(-(-n // self.devices)))
+    return self.k
 
   def run(self, global_params, model_state, works: Sequence[ClientWork], p, q=None, poison=None) -> ShardedResult:
     """Trains ``works`` (one :class:`~mtfl_jax.federated.simulator.ClientWork` per client, the
@@ -219,7 +227,7 @@ class ShardedClients:
     for c0 in range(0, n, C):
       chunk = order[c0:c0 + C]
       smax = max(works[i].steps for i in chunk)
-      S = _pow2(smax, 16)
+      S = -(-smax // WINDOW) * WINDOW
       ids = np.zeros((C, S, B), np.int32)
       active = np.zeros((C, S), bool)
       keys = np.zeros((C, 2), np.uint32)
@@ -231,9 +239,11 @@ class ShardedClients:
         keys[r] = np.asarray(client_key(w.seed))
         pc[r], qc[r], bad[r] = p[i], q[i], poison[i]
       states = init(gp, ms, global_array(keys, self._shd))
-      ids_g, act_g = global_array(ids, self._shd), global_array(active, self._shd)
       for s in range(smax):
-        states = step(states, self.x, self.y, ids_g, act_g, self._scalar(s))
+        if s % WINDOW == 0:
+          win = slice(s, s + WINDOW)
+          ids_g, act_g = global_array(ids[:, win], self._shd), global_array(active[:, win], self._shd)
+        states = step(states, self.x, self.y, ids_g, act_g, self._scalar(s % WINDOW))
       d, m, ok = final(states, gp, *(global_array(a, self._shd) for a in (pc, qc, bad)))
       dsum = d if dsum is None else jax.tree.map(jnp.add, dsum, d)
       msum = m if msum is None else jax.tree.map(jnp.add, msum, m)
