@@ -15,11 +15,16 @@ The flow, one module per step:
   and clocked (:func:`plan_round`); add your own;
 * :mod:`.simulator`: client work (:func:`client_init` / train step / :func:`client_final`)
   run as a per-client loop or one vmap (:func:`run_clients`, :func:`choose_mode`);
+* :mod:`.sharded`: the same client work over a ``clients`` mesh of devices (and processes,
+  with :mod:`mtfl_jax.distributed`), streamed in chunks, the weighted aggregate reduced on the
+  devices (:class:`ShardedClients`, ``FedConfig(simulator="sharded")``);
 * :mod:`.algorithms`: server aggregation as ``init``/``apply`` pairs, :func:`fed_avg` and
   :func:`fed_nova` (the ``full`` policy's unequal local work would bias plain FedAvg towards
   clients that step more, Wang et al. 2020; FedNova divides each delta by its client's
   :func:`accumulation_norm`, the step count for plain SGD, larger under momentum);
-* :mod:`.driver`: :func:`run_federated`, rounds on the clock, checkpoints and resume.
+* :mod:`.driver`: :func:`run_federated`, rounds on the clock, checkpoints and resume;
+* :mod:`.outputs`: ``history.json`` and figures in a workdir (:func:`write_outputs`; what
+  ``python -m mtfl_jax federate`` writes).
 
 FL throughput is training *work* per virtual second: a local step of task i counts the
 task's solo step time ``s_i`` on this machine (``VRModel.solo_step_s``); each history row
@@ -34,21 +39,24 @@ Example::
     result.history[-1]["accuracy"]["digits_mlp"]
 """
 from mtfl_jax.federated.algorithms import (ClientUpdates, FedAlgorithm, ModelServerState, ServerState,
-                                           accumulation_norm, aggregate, average_model_state, fed_avg, fed_nova,
-                                           fed_nova_nominal, fednova_norm_kind)
+                                           accumulation_norm, aggregate, average_model_state, client_weights, fed_avg,
+                                           fed_nova, fed_nova_nominal, fednova_norm_kind)
 from mtfl_jax.federated.config import SIMULATORS, FedConfig, check_config
 from mtfl_jax.federated.driver import (FAULTS, CheckpointError, ClientFailure, FedResult, NonFiniteUpdate, Restored,
                                        apply_round, calibrate_mix, check_faults, init_server, restore_latest,
                                        run_federated, server_algorithm)
 from mtfl_jax.federated.federation import Federation, build_federation
+from mtfl_jax.federated.outputs import history_doc, write_outputs
 from mtfl_jax.federated.policies import (FED_POLICIES, POLICIES, FedPolicy, drop_late_clients, plan_round,
                                          scale_work_to_deadline, task_scales)
+from mtfl_jax.federated.sharded import ShardedClients, ShardedResult, client_mesh
 from mtfl_jax.federated.simulator import (ClientResults, ClientWork, choose_mode, client_final, client_init,
                                           client_key, client_seed, run_clients)
 
 __all__ = [
     "accumulation_norm", "aggregate", "apply_round", "average_model_state", "build_federation",
-    "calibrate_mix", "check_config", "check_faults", "CheckpointError", "choose_mode", "ClientFailure",
+    "calibrate_mix", "check_config", "client_mesh", "client_weights", "history_doc", "ShardedClients",
+    "ShardedResult", "write_outputs", "check_faults", "CheckpointError", "choose_mode", "ClientFailure",
     "client_final", "client_init", "client_key", "ClientResults", "client_seed", "ClientUpdates",
     "ClientWork", "drop_late_clients", "FAULTS", "fed_avg", "fed_nova", "FED_POLICIES", "FedAlgorithm",
     "FedConfig", "Federation", "fed_nova_nominal", "fednova_norm_kind", "FedPolicy", "FedResult", "init_server",
