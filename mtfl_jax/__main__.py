@@ -130,7 +130,15 @@ def _federate(args):
     print(f"federate: {', '.join(cfg.tasks)}; {cfg.clients_per_round} of {cfg.num_clients} clients per round, "
           f"{cfg.rounds} rounds, policy {cfg.policy}, simulator {cfg.simulator} on {len(jax.devices())} "
           f"device(s) in {jax.process_count()} process(es); workdir {args.workdir}", flush=True)
-  res = run_federated(cfg, workdir=args.workdir, progress=main)
+  model = None
+  if main and not (Path(args.workdir) / "checkpoints").exists():  # a resumed run uses its checkpoint's
+    from mtfl_jax.calibration import calibrate_mix, load_or_calibrate, store_path
+    try:
+      model, where = load_or_calibrate(cfg.task_defs)
+    except OSError:  # the store cannot be written: measure without keeping it
+      model, where = calibrate_mix(cfg.task_defs), f"measured now ({store_path()} is not writable)"
+    print(f"virtual-resource model: {where}", flush=True)
+  res = run_federated(cfg, model=model, workdir=args.workdir, progress=main)
   if main:
     out = write_outputs(res, args.workdir)
     acc = ", ".join(f"{t} {a:.3f}" for t, a in res.final_accuracy().items())
