@@ -119,11 +119,16 @@ class ShardedClients:
   for dense models) or ``"loop"`` (one client at a time, each step a plain, unbatched program:
   XLA CPU turns vmapped convolutions into slow grouped ones). None: ``loop`` for a task with
   convolutions, else ``vmap`` (the rule of :func:`mtfl_jax.train.choose_local_mode`).
-  ``per_device``: cap on clients per device per chunk (memory grows with it).
+  ``per_device``: cap on clients per device per chunk (memory grows with it). ``unroll``:
+  local steps per dispatched program (unrolled; masked past a client's last step).
   """
 
-  def __init__(self, task, ds, mesh: Mesh | None = None, inner: str | None = None, per_device: int | None = None):
+  def __init__(self, task, ds, mesh: Mesh | None = None, inner: str | None = None, per_device: int | None = None,
+               unroll: int = 1):
     self.task, self.mesh = task, mesh if mesh is not None else client_mesh()
+    if unroll not in (1, 2, 4, 8, 16):
+      raise ValueError(f"unroll must be 1, 2, 4, 8 or 16 (it divides the {WINDOW}-step window), got {unroll!r}")
+    self.unroll = unroll
     self.inner = inner or ("loop" if has_convolution(task) else "vmap")
     if self.inner not in INNER:
       raise ValueError(f"unknown inner mode {self.inner!r}; valid: {', '.join(INNER)}")
@@ -169,10 +174,15 @@ class ShardedClients:
       on = jax.lax.dynamic_index_in_dim(active, s, keepdims=False)
       return jax.tree.map(lambda a, o: jnp.where(on, a, o), new, state)
 
+    def steps(state, x, y, ids, active, s):  # ``unroll`` steps from s, unrolled (XLA CPU runs them fastest)
+      for u in range(self.unroll):
+        state = one(state, x, y, ids, active, s + u)
+      return state
+
     def body(states, x, y, ids, active, s):
       if vmap:
-        return jax.vmap(one, in_axes=(0, None, None, 0, 0, None))(states, x, y, ids, active, s)
-      outs = [one(jax.tree.map(lambda a: a[i], states), x, y, ids[i], active[i], s) for i in range(k)]
+        return jax.vmap(steps, in_axes=(0, None, None, 0, 0, None))(states, x, y, ids, active, s)
+      outs = [steps(jax.tree.map(lambda a: a[i], states), x, y, ids[i], active[i], s) for i in range(k)]
       return jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return self._sm(body, (P(CLIENTS), P(), P(), P(CLIENTS), P(CLIENTS), P()), P(CLIENTS), donate=(0,))
 
@@ -239,7 +249,7 @@ class ShardedClients:
         keys[r] = np.asarray(client_key(w.seed))
         pc[r], qc[r], bad[r] = p[i], q[i], poison[i]
       states = init(gp, ms, global_array(keys, self._shd))
-      for s in range(smax):
+      for s in range(0, smax, self.unroll):
         if s % WINDOW == 0:
           win = slice(s, s + WINDOW)
           ids_g, act_g = global_array(ids[:, win], self._shd), global_array(active[:, win], self._shd)
