@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -259,35 +260,8 @@ def _median(xs):
   return float(np.median(xs)) if xs else None
 
 
-def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, configs: Sequence | None = None,
-                work: Sequence | None = None, rounds: int | dict | None = None, repeats: int | None = None,
-                seed: int = SEED, log=print, point_timeout_s: float = 1800) -> dict:
-  """Runs every point (module docstring), prints the table, speedups, seconds per round of
-  1,000 MLP clients and memory ratios, and returns (and writes to ``json_path``) the JSON.
-  ``configs`` ((devices, processes) pairs), ``work`` ((task, clients) pairs), ``rounds``
-  (steady rounds: one count, or per (task, clients)) and ``repeats`` override the mode's."""
-  from mtfl_jax.profiling import device_name
-  from mtfl_jax.results import write_json
-  cores = len(os.sched_getaffinity(0))
-  mode = _modes(quick, cores)
-  configs = [tuple(c) for c in (configs or mode["configs"])]
-  work = [tuple(w) for w in (work or mode["work"])]
-  repeats = int(repeats or mode["repeats"])
-  if (1, 1) not in configs:
-    raise ValueError("the configs must include (1 device, 1 process): it computes the reference")
-
-  def rounds_of(t, c):
-    if isinstance(rounds, int):
-      return rounds
-    return (rounds or {}).get((t, c), mode["rounds"].get((t, c), 3))
-
-  t_start = time.perf_counter()
-  os.environ.setdefault("TFDS_DISABLE_GCS", "1")
-  dev = device_name()
-  load = os.getloadavg()
-  log(f"scale benchmark on {dev} ({'quick' if quick else 'full'}; {repeats} interleaved repeats; "
-      f"load average {load[0]:.1f} at start)")
-  points, tmp = [], Path(tempfile.mkdtemp(prefix="mtfl_scale_"))
+def _run_points(points, tmp, configs, work, repeats, rounds_of, seed, log, point_timeout_s) -> None:
+  """Every point of every repeat (interleaved), then each one's diff from its reference."""
   for r in range(repeats):
     order = configs if r % 2 == 0 else configs[::-1]
     for t, c in work:
@@ -310,8 +284,44 @@ def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, conf
   for pt in points:  # correctness: against the single-device reference of its (task, clients)
     if "error" in pt:
       continue
-    ref = tmp / f"{pt['task']}_{pt['clients']}_d1_p1_r0.ref.npz"
-    pt["max_abs_diff"], pt["rel_diff"] = _diff(Path(pt.pop("_delta")), ref) if ref.exists() else (None, None)
+    ref, delta = tmp / f"{pt['task']}_{pt['clients']}_d1_p1_r0.ref.npz", Path(pt.pop("_delta"))
+    pt["max_abs_diff"], pt["rel_diff"] = _diff(delta, ref) if ref.exists() and delta.exists() else (None, None)
+
+
+def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, configs: Sequence | None = None,
+                work: Sequence | None = None, rounds: int | dict | None = None, repeats: int | None = None,
+                seed: int = SEED, log=print, point_timeout_s: float = 1800) -> dict:
+  """Runs every point (module docstring), prints the table, speedups, seconds per round of
+  1,000 MLP clients and memory ratios, and returns (and writes to ``json_path``) the JSON.
+  ``configs`` ((devices, processes) pairs), ``work`` ((task, clients) pairs), ``rounds``
+  (steady rounds: one count, or per (task, clients)) and ``repeats`` override the mode's."""
+  from mtfl_jax.profiling import device_name
+  from mtfl_jax.results import write_json
+  cores = len(os.sched_getaffinity(0))
+  mode = _modes(quick, cores)
+  configs = [tuple(c) for c in (configs or mode["configs"])]
+  work = [tuple(w) for w in (work or mode["work"])]
+  repeats = int(repeats or mode["repeats"])
+  if (1, 1) not in configs:
+    raise ValueError("the configs must include (1 device, 1 process): it computes the reference")
+
+  def rounds_of(t, c):
+    n = rounds if isinstance(rounds, int) else (rounds or {}).get((t, c), mode["rounds"].get((t, c), 3))
+    if n < 1:
+      raise ValueError(f"steady rounds must be >= 1 (the first round, which compiles, is not timed), got {n}")
+    return n
+
+  t_start = time.perf_counter()
+  os.environ.setdefault("TFDS_DISABLE_GCS", "1")
+  dev = device_name()
+  load = os.getloadavg()
+  log(f"scale benchmark on {dev} ({'quick' if quick else 'full'}; {repeats} interleaved repeats; "
+      f"load average {load[0]:.1f} at start)")
+  points, tmp = [], Path(tempfile.mkdtemp(prefix="mtfl_scale_"))
+  try:
+    _run_points(points, tmp, configs, work, repeats, rounds_of, seed, log, point_timeout_s)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
   out = {"device": dev, "cores": cores, "mode": "quick" if quick else "full", "repeats": repeats, "seed": seed,
          "load_average_start": [round(x, 2) for x in load], "load_average_end": [round(x, 2) for x in os.getloadavg()],
