@@ -44,6 +44,9 @@ def _bench(args):
   if args.which == "cosched":
     from mtfl_jax.experiments.bench_cosched import bench_cosched
     bench_cosched(quick=not args.full, json_path=args.json)
+  elif args.which == "scale":
+    from mtfl_jax.experiments.bench_scale import bench_scale
+    bench_scale(quick=not args.full, json_path=args.json)
   else:
     from mtfl_jax.calibration import store_path
     from mtfl_jax.experiments.bench_federated import bench_federated
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
   dl.set_defaults(fn=_download)
 
   be = sub.add_parser("bench", help="benchmarks: cosched or federated")
-  be.add_argument("which", choices=["cosched", "federated"])
+  be.add_argument("which", choices=["cosched", "federated", "scale"])
   mode = be.add_mutually_exclusive_group()
   mode.add_argument("--quick", action="store_true", help="a few minutes on a laptop (default)")
   mode.add_argument("--full", action="store_true", help="longer rounds and repeats")
