@@ -76,7 +76,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   line naming the coordinator and what to check, and exit code 2 (JAX cannot abandon a join: it
   would abort the process with a stack dump). Processes given different ``num_processes``
   raise a :class:`DistributedError` saying so. A process that stops answering is noticed by
-  the others within ``timeout_s`` too (JAX's heartbeat)."""
+  the others within ``timeout_s`` too (JAX's heartbeat). JAX's preemption service is turned
+  off, so that SIGTERM stops a process (as the launcher does) instead of being caught."""
   coordinator = coordinator or os.environ.get("MTFL_COORDINATOR")
   num_processes = int(num_processes if num_processes is not None else os.environ.get("MTFL_NUM_PROCESSES", 1))
   process_id = int(process_id if process_id is not None else os.environ.get("MTFL_PROCESS_ID", 0))
@@ -102,6 +103,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       print(f"error: {failed}. {remedy}", file=sys.stderr, flush=True)
       os._exit(2)
   threading.Thread(target=watchdog, daemon=True, name="mtfl-join-watchdog").start()
+  try:  # JAX's preemption service catches SIGTERM: the launcher could not stop a process at once
+    jax.config.update("jax_enable_preemption_service", False)
+  except (AttributeError, KeyError, ValueError):  # a JAX without it
+    pass
   try:
     jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(timeout_s) + 60,
                                heartbeat_timeout_seconds=max(10, int(timeout_s)))
