@@ -92,7 +92,8 @@ def _join(args) -> bool:
   if args.processes > 1 and args.process_id is None:
     return False
   if args.process_id is not None:
-    distributed.use_cpu_devices(args.devices_per_process)
+    if args.devices_per_process is not None:  # else JAX's own count (a process started by hand)
+      distributed.use_cpu_devices(args.devices_per_process)
     distributed.initialize(args.coordinator, args.processes, args.process_id, timeout_s=args.join_timeout)
   elif args.devices is not None:
     distributed.use_cpu_devices(args.devices)

@@ -72,9 +72,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   """Joins this process to a ``jax.distributed`` run (arguments default to the environment
   variables ``MTFL_COORDINATOR``, ``MTFL_NUM_PROCESSES``, ``MTFL_PROCESS_ID``).
 
-  Every process waits at most ``timeout_s`` for the others (then a :class:`DistributedError`
-  names the coordinator and what to check), and a process that stops answering is noticed by
-  the others within ``timeout_s`` too (JAX's heartbeat)."""
+  Every process waits at most ``timeout_s`` for the others; then it ends with one ``error:``
+  line naming the coordinator and what to check, and exit code 2 (JAX cannot abandon a join: it
+  would abort the process with a stack dump). Processes given different ``num_processes``
+  raise a :class:`DistributedError` saying so. A process that stops answering is noticed by
+  the others within ``timeout_s`` too (JAX's heartbeat). JAX's preemption service is turned
+  off, so that SIGTERM stops a process (as the launcher does) instead of being caught."""
   coordinator = coordinator or os.environ.get("MTFL_COORDINATOR")
   num_processes = int(num_processes if num_processes is not None else os.environ.get("MTFL_NUM_PROCESSES", 1))
   process_id = int(process_id if process_id is not None else os.environ.get("MTFL_PROCESS_ID", 0))
@@ -86,15 +89,51 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if _backend_started():
     raise ValueError("JAX already started its backend in this process; join the multi-process run "
                      "(mtfl_jax.distributed.initialize) before any JAX computation")
+  failed = (f"process {process_id} of {num_processes} could not join the run coordinated at {coordinator} "
+            f"within {timeout_s}s")
+  remedy = ("Check that process 0 runs on that host and port, that every process was given the same "
+            "--processes, and that the port is reachable")
+  # JAX ends a process whose join fails (coordinator unreachable, a process missing) with a
+  # fatal C++ error (SIGABRT and a stack dump) when its own timeout expires, never raising: this
+  # watchdog ends it first, with one line and exit code 2 (the CLI's code for a user error).
+  joined = threading.Event()
+
+  def watchdog():
+    if not joined.wait(timeout_s):
+      print(f"error: {failed}. {remedy}", file=sys.stderr, flush=True)
+      os._exit(2)
+  threading.Thread(target=watchdog, daemon=True, name="mtfl-join-watchdog").start()
+  try:  # JAX's preemption service catches SIGTERM: the launcher could not stop a process at once
+    jax.config.update("jax_enable_preemption_service", False)
+  except (AttributeError, KeyError, ValueError):  # a JAX without it
+    pass
   try:
-    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(timeout_s),
+    jax.distributed.initialize(coordinator, num_processes, process_id, initialization_timeout=int(timeout_s) + 60,
                                heartbeat_timeout_seconds=max(10, int(timeout_s)))
+    declared = _declared_process_counts(process_id, num_processes, timeout_s)
   except Exception as e:  # noqa: BLE001 - JAX raises several kinds; all mean the same to the user
     why = " ".join(str(e).split())[:300]
+    raise DistributedError(f"{failed} ({type(e).__name__}: {why}). {remedy}") from None
+  finally:
+    joined.set()
+  if any(n != num_processes for n in declared.values()):
     raise DistributedError(
-        f"process {process_id} of {num_processes} could not join the run coordinated at {coordinator} "
-        f"within {timeout_s}s ({type(e).__name__}: {why}). Check that process 0 runs on that host and port, "
-        "that every process was given the same --processes, and that the port is reachable") from None
+        f"the processes of the run coordinated at {coordinator} were started with different --processes ("
+        + ", ".join(f"process {i}: {n}" for i, n in sorted(declared.items()))
+        + "); start every process with the same --processes")
+
+
+def _declared_process_counts(process_id: int, num_processes: int, timeout_s: int) -> dict:
+  """Every joined process's own ``num_processes``, by process id (through the coordinator's
+  key-value store): a process started with a larger count than the coordinator's joins without
+  any error from JAX, and would run in a run of another size than it was told."""
+  from jax._src import distributed as jd
+  client = getattr(jd.global_state, "client", None)
+  if client is None or not hasattr(client, "key_value_dir_get"):
+    return {}
+  client.key_value_set(f"mtfl_jax/processes/{process_id}", str(num_processes))
+  client.wait_at_barrier("mtfl_jax/joined", int(timeout_s * 1000))
+  return {int(k.rsplit("/", 1)[-1]): int(v) for k, v in client.key_value_dir_get("mtfl_jax/processes/")}
 
 
 def free_port() -> int:
