@@ -286,6 +286,9 @@ def run_flower(args) -> dict:
   if os.path.exists(actor_log):
     actors = [json.loads(line) for line in open(actor_log)]
     os.remove(actor_log)
+  if pin_dir:
+    import shutil
+    shutil.rmtree(pin_dir, ignore_errors=True)
   return {"side": "flower", "clients": n, "per_round": k, "t_launch": t_launch, "t_main": t_main,
           "t_first_round_end": strategy.rounds[0]["end"], "t_done": t_done, "rounds": strategy.rounds,
           "accuracy_end": accuracy, "actors": actors, "pin": args.flower_pin, "backend_config": backend_config,
