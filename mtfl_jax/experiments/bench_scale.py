@@ -208,7 +208,7 @@ def launch_point(spec: dict, timeout_s: float = 1800) -> dict:
   """Runs ``spec`` in fresh processes (``python -m mtfl_jax.experiments.bench_scale --point``;
   ``processes`` of them joined over ``jax.distributed``) and returns process 0's JSON, with
   ``peak_rss_mb_per_process``; a failed point raises ``RuntimeError`` with its output's end."""
-  from mtfl_jax.distributed import free_port
+  from mtfl_jax.distributed import core_share, free_port
   processes = int(spec.get("processes", 1))
   if processes > 1:
     spec = {**spec, "coordinator": f"127.0.0.1:{free_port()}"}
@@ -219,7 +219,9 @@ def launch_point(spec: dict, timeout_s: float = 1800) -> dict:
       log = open(out.with_name(f"{out.stem}.p{i}.log"), "w+")
       logs.append(log)
       cmd = [sys.executable, "-m", "mtfl_jax.experiments.bench_scale", "--point", json.dumps({**spec, "process_id": i})]
-      procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+      cores = core_share(i, processes) if processes > 1 else None  # as distributed.launch_local does
+      penv = {**env, "MTFL_CPU_CORES": ",".join(map(str, cores))} if cores else env
+      procs.append(subprocess.Popen(cmd, env=penv, stdout=log, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout_s
     while True:
       codes = [p.poll() for p in procs]

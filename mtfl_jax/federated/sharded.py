@@ -4,9 +4,9 @@ The single-device simulator (:mod:`~mtfl_jax.federated.simulator`) returns every
 and leaves averaging to the server. Here the clients of a round are padded to a multiple of
 the device count and streamed through the mesh in *chunks* of ``k`` clients per device
 (``jax.sharding`` + ``shard_map``): each device trains its ``k`` clients (``vmap``-ed, or one
-after another in one program), and the chunk's weighted sum of deltas is reduced over the
-``clients`` axis (``psum``) inside the same compiled program, so only the aggregate leaves
-the devices. With ``p_c`` the server's weight of client ``c`` (FedAvg: ``n_c / sum n``;
+after another in one program) and adds their weighted deltas to its running sum; at the end of
+the round one compiled reduction adds the devices' sums over the ``clients`` axis (``psum``),
+so only the aggregate leaves the devices, and the round has one collective per task. With ``p_c`` the server's weight of client ``c`` (FedAvg: ``n_c / sum n``;
 FedNova: see :func:`~mtfl_jax.federated.algorithms.client_weights`),
 
     mean_delta = sum_chunks psum_devices sum_{c in device's chunk} p_c (x_c - x_global)
@@ -187,17 +187,37 @@ class ShardedClients:
     return self._sm(body, (P(CLIENTS), P(), P(), P(CLIENTS), P(CLIENTS), P()), P(CLIENTS), donate=(0,))
 
   def _build_final(self, k):
-    def body(states, gp, p, q, poison):
+    # A chunk's clients, weighted and summed on each device into that device's running sums
+    # (leading axis: one row per device; no communication), and each client's finite flag.
+    def body(states, gp, p, q, poison, dacc, macc):
       deltas, ms = jax.vmap(lambda st: client_final(gp, st))(states)
       deltas = jax.tree.map(lambda d: jnp.where(poison.reshape((-1,) + (1,) * (d.ndim - 1)), jnp.nan, d), deltas)
       ok = jnp.ones(p.shape, bool)
       for leaf in jax.tree.leaves((deltas, ms)):
         if jnp.issubdtype(leaf.dtype, jnp.inexact):
           ok &= jnp.all(jnp.isfinite(leaf.reshape(leaf.shape[0], -1)), axis=1)
-      dsum = jax.tree.map(lambda d: jax.lax.psum(jnp.tensordot(p, d, axes=1), CLIENTS), deltas)
-      msum = jax.tree.map(lambda s: jax.lax.psum(jnp.tensordot(q, s.astype(jnp.float32), axes=1), CLIENTS), ms)
-      return dsum, msum, jax.lax.all_gather(ok, CLIENTS, tiled=True)
-    return self._sm(body, (P(CLIENTS), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS)), (P(), P(), P()))
+      dacc = jax.tree.map(lambda a, d: a + jnp.tensordot(p, d, axes=1)[None], dacc, deltas)
+      macc = jax.tree.map(lambda a, s: a + jnp.tensordot(q, s.astype(jnp.float32), axes=1)[None], macc, ms)
+      return dacc, macc, ok
+    return self._sm(body, (P(CLIENTS), P(), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS), P(CLIENTS)),
+                    (P(CLIENTS), P(CLIENTS), P(CLIENTS)), donate=(5, 6))
+
+  def _build_zeros(self, k):
+    def body(gp, ms):
+      zero = lambda a: jnp.zeros((1,) + a.shape, jnp.float32)
+      return jax.tree.map(zero, gp), jax.tree.map(zero, ms)
+    return self._sm(body, (P(), P()), (P(CLIENTS), P(CLIENTS)))
+
+  def _build_reduce(self, k):
+    # the round's one collective: the devices' running sums added up (psum over ``clients``)
+    def body(dacc, macc):
+      return jax.tree.map(lambda a: jax.lax.psum(a[0], CLIENTS), (dacc, macc))
+    return self._sm(body, (P(CLIENTS), P(CLIENTS)), (P(), P()))
+
+  def _build_gather(self, k):
+    def body(ok):
+      return jax.lax.all_gather(ok, CLIENTS, tiled=True)
+    return self._sm(body, (P(CLIENTS),), P())
 
   def _scalar(self, s: int):
     if s not in self._steps:
@@ -232,9 +252,9 @@ class ShardedClients:
     gp = jax.tree.map(lambda a: global_array(a, self._rep), jax.tree.map(to_host, global_params))
     ms = jax.tree.map(lambda a: global_array(a, self._rep), jax.tree.map(to_host, model_state or {}))
     init, step, final = (self._program(kind, k) for kind in ("init", "step", "final"))
-    dsum = msum = None
-    finite = np.ones(n, bool)
-    for c0 in range(0, n, C):
+    dacc, macc = self._program("zeros", k)(gp, ms)
+    oks = []
+    for c0 in range(0, n, C):  # dispatched without waiting: the host prepares the next chunk meanwhile
       chunk = order[c0:c0 + C]
       smax = max(works[i].steps for i in chunk)
       S = -(-smax // WINDOW) * WINDOW
@@ -254,14 +274,19 @@ class ShardedClients:
           win = slice(s, s + WINDOW)
           ids_g, act_g = global_array(ids[:, win], self._shd), global_array(active[:, win], self._shd)
         states = step(states, self.x, self.y, ids_g, act_g, self._scalar(s % WINDOW))
-      d, m, ok = final(states, gp, *(global_array(a, self._shd) for a in (pc, qc, bad)))
-      dsum = d if dsum is None else jax.tree.map(jnp.add, dsum, d)
-      msum = m if msum is None else jax.tree.map(jnp.add, msum, m)
-      ok = to_host(ok)
-      for r, i in enumerate(chunk):
-        finite[i] = ok[r]
+      dacc, macc, ok = final(states, gp, *(global_array(a, self._shd) for a in (pc, qc, bad)), dacc, macc)
+      oks.append((chunk, ok))
+    dsum, msum = self._program("reduce", k)(dacc, macc)
     delta = jax.tree.map(to_host, dsum)
     mstate = jax.tree.map(lambda s, ref: to_host(s).astype(np.asarray(ref).dtype), msum,
                           jax.tree.map(to_host, model_state or {}))
+    finite = np.ones(n, bool)
+    # Every client's weight is > 0, so a non-finite client makes the sums non-finite: only
+    # then are the per-client flags read (in several processes, gathered first).
+    if not all(np.isfinite(a).all() for a in jax.tree.leaves((delta, mstate)) if np.issubdtype(a.dtype, np.inexact)):
+      for chunk, ok in oks:
+        ok = to_host(ok if ok.is_fully_addressable else self._program("gather", k)(ok))
+        for r, i in enumerate(chunk):
+          finite[i] = ok[r]
     return ShardedResult([w.client for w in works], delta, mstate,
                          {w.client: bool(finite[i]) for i, w in enumerate(works)})
