@@ -78,12 +78,16 @@ def _stored_model(tasks):
 def run_mtfl(args) -> dict:
   t_launch = _launch_time()
   t_main = time.time()
+  if args.devices:
+    from mtfl_jax.distributed import use_cpu_devices
+    use_cpu_devices(args.devices)  # before JAX starts
   import jax
   from mtfl_jax.federated import run_federated
   from mtfl_jax.profiling import device_name
 
   cfg = _fed_config(args.clients, args.per_round, rounds=args.rounds, policy="none",
-                    eval_every=args.rounds, simulator=args.simulator)
+                    eval_every=args.rounds, simulator=args.simulator,
+                    devices=args.devices if args.simulator == "sharded" else None)
   model, calibration = None, "measured at start-up by run_federated (calibrate_mix)"
   if args.calibration == "stored":
     model, where = _stored_model(cfg.tasks)
@@ -101,6 +105,7 @@ def run_mtfl(args) -> dict:
                    "round_s": trained - start, "clients": h["sampled"],
                    "steps": sum(sum(w.values()) for w in h["workloads"].values())})
   return {"side": "mtfl_jax", "clients": args.clients, "per_round": args.per_round, "simulator": args.simulator,
+          "devices": len(jax.devices()),
           "modes": dict(res.modes), "calibration": calibration, "t_launch": t_launch, "t_main": t_main,
           "t_first_round_end": rounds[0]["end"], "t_done": t_done, "rounds": rounds,
           "accuracy_end": res.final_accuracy(), "device": device_name(), "jax": jax.__version__}
@@ -409,11 +414,13 @@ def harness(args) -> int:
       runs["flower"].append(_child(flower_python, "flower", n, k, args, workdir, f"flower_{k}of{n}_r{rep}",
                                    ["--flower-pin", args.flower_pin]))
       runs["mtfl_jax"].append(_child(args.mtfl_python, "mtfl", n, k, args, workdir, f"mtfl_{k}of{n}_r{rep}",
-                                     ["--simulator", args.simulator, "--calibration", args.calibration]))
+                                     ["--simulator", args.simulator, "--calibration", args.calibration,
+                                      "--devices", str(args.devices or 0)]))
     calibrated = None
     if args.calibration == "stored" and not args.no_calibrated_run:
       calibrated = _child(args.mtfl_python, "mtfl", n, k, args, workdir, f"mtfl_{k}of{n}_calibrating",
-                          ["--simulator", args.simulator, "--calibration", "measure"])
+                          ["--simulator", args.simulator, "--calibration", "measure",
+                           "--devices", str(args.devices or 0)])
     fs, ms = summarize(runs["flower"]), summarize(runs["mtfl_jax"])
     res = {"clients": n, "per_round": k, "flower": fs, "mtfl_jax": ms,
            "ratio_flower_over_mtfl": {"round_median": fs["round_median_s"] / ms["round_median_s"],
@@ -433,6 +440,7 @@ def harness(args) -> int:
   if args.json:
     doc = {"benchmark": "flower_compare", "issue": 11, "tasks": list(TASKS), "alpha": ALPHA, "seed": SEED,
            "local_epochs": 1, "rounds": args.rounds, "repeats": args.repeats, "simulator": args.simulator,
+           "devices": args.devices or 1,
            "flower_pin": args.flower_pin, "calibration": args.calibration,
            "versions": {**versions, "jax_mtfl": mtfl_dev["jax"]},
            "machine": {**machine, "device": mtfl_dev["device"], "load_avg_at_end": os.getloadavg()},
@@ -450,6 +458,8 @@ def main(argv=None) -> int:
                  help="the Python with flwr[simulation] (default: .venv-flower/bin/python)")
   p.add_argument("--mtfl-python", default=sys.executable, help="the Python for mtfl_jax's side (default: this one)")
   p.add_argument("--simulator", default="auto", help="mtfl_jax's FedConfig.simulator (default: auto)")
+  p.add_argument("--devices", type=int, default=0,
+                 help="CPU devices for mtfl_jax's side (with --simulator sharded; 0: JAX's default, one)")
   p.add_argument("--rounds", type=int, default=None, help="rounds per run (default 10; --quick: 4)")
   p.add_argument("--repeats", type=int, default=None, help="runs of each side per setting (default 2; --quick: 1)")
   p.add_argument("--quick", action="store_true", help="4 rounds, 1 repeat: checks that it works")
