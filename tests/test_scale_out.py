@@ -131,8 +131,8 @@ for t, steps, meshes in (("digits_mlp", [3, 5, 1, 7, 4], (1, 2, 3)), ("mnist_len
   works = works_of(cfg, fed, name, steps)
   for d in meshes:
     res["cases"].append({"task": name, **compare(cfg.task(name), fed.datasets[name], glob, works, d)})
-  if name == "digits_mlp":  # streamed in 3 chunks of one client per device, the last one padded
-    res["cases"].append({"task": name, **compare(cfg.task(name), fed.datasets[name], glob, works, 2, 1)})
+  if name in ("digits_mlp", "mnist_lenet"):  # streamed in chunks of one client per device, the last one padded
+    res["cases"].append({"task": name, **compare(cfg.task(name), fed.datasets[name], glob, works, 2 if name == "digits_mlp" else 3, 1)})
 
 MODEL = VRModel({"digits_mlp": 2e-4, "mnist_lenet": 4e-3}, {"digits_mlp": 0.4, "mnist_lenet": 0.8},
                 {"digits_mlp": 1.0, "mnist_lenet": 1.0})
@@ -192,7 +192,8 @@ def test_sharded_aggregate_equals_the_loop_simulator_on_1_2_3_devices(on_devices
   # padding and streaming happened: 5 clients in chunks of devices x k
   assert cases[("digits_mlp", 3, None)]["k"] == 2  # one chunk of 6, one slot padded
   assert cases[("digits_mlp", 2, 1)]["k"] == 1  # three chunks of 2, the last one padded
-  assert cases[("mnist_lenet", 3, None)]["k"] == 1  # chunks of 3 and 2 (+1 padded)
+  assert cases[("mnist_lenet", 3, None)]["k"] == 2  # one chunk of 6, one slot padded
+  assert cases[("mnist_lenet", 3, 1)]["k"] == 1  # chunks of 3 and 2 (+1 padded)
 
 
 def test_sharded_model_state_is_the_sample_weighted_mean(on_devices):

@@ -6,10 +6,11 @@ the device count and streamed through the mesh in *chunks* of ``k`` clients per 
 (``jax.sharding`` + ``shard_map``): each device trains its ``k`` clients (``vmap``-ed, or one
 after another in one program) and adds their weighted deltas to its running sum; at the end of
 the round one compiled reduction adds the devices' sums over the ``clients`` axis (``psum``),
-so only the aggregate leaves the devices, and the round has one collective per task. With ``p_c`` the server's weight of client ``c`` (FedAvg: ``n_c / sum n``;
-FedNova: see :func:`~mtfl_jax.federated.algorithms.client_weights`),
+so only the aggregate leaves the devices, and the round has one collective per task. With
+``p_c`` the server's weight of client ``c`` (FedAvg: ``n_c / sum n``; FedNova: see
+:func:`~mtfl_jax.federated.algorithms.client_weights`),
 
-    mean_delta = sum_chunks psum_devices sum_{c in device's chunk} p_c (x_c - x_global)
+    mean_delta = psum_devices sum_{chunks} sum_{c in the device's part of the chunk} p_c (x_c - x_global)
 
 Memory stays bounded by the chunk, not the round: batches are gathered on the device from the
 task's training set (placed once on every device) by index, one step at a time, so a round of
@@ -49,7 +50,7 @@ from mtfl_jax.train import has_convolution, make_train_step
 CLIENTS = "clients"
 INNER = ("vmap", "loop")
 # Clients per device per chunk (a cap; fewer when the first round has fewer clients).
-K_MAX = {"vmap": 64, "loop": 1}
+K_MAX = {"vmap": 64, "loop": 2}  # loop: 2 measured 10-15% faster than 1 for LeNet on CPU
 # Local steps whose batch indices go to the devices at once.
 WINDOW = 16
 
