@@ -11,6 +11,9 @@ What it measures, in order, each skipped when the time budget left is below its 
   ``processes`` with and without CUDA MPS, against ``sequential`` measured before and after;
 * ``trace_overlap``: the fraction of kernel time in which two tasks' kernels run at once, from
   ``jax.profiler`` traces of co-runs (:mod:`mtfl_jax.trace_overlap`);
+* ``scale``: :func:`~mtfl_jax.experiments.bench_scale.bench_scale` on one device and process
+  (the MLP and LeNet at 100 and 1,000 clients per round: client updates per second, compiles
+  after the first round, the aggregate against the single-device loop);
 * then :func:`targets` (the paper's training speedup, the model within 15%, the simulator >= 20x the
   CPU's) and :func:`flops_table` (achieved FLOP/s against nominal peaks) are computed from the
   JSON, pass or fail, never asserted.
@@ -61,7 +64,7 @@ NOMINAL_PEAKS = {
 }
 TARGETS = {"speedup_vs_sequential": TRAINING_SPEEDUP, "prediction_error": 0.15, "simulator_vs_cpu": 20.0}
 CPU_REFERENCE = "data/recorded/cpu_amd_epyc_2_cores/raw/federated.json"
-ORDER = ("cosched", "gpu_sharing", "workloads", "vresource", "federated", "trace_overlap")
+ORDER = ("cosched", "gpu_sharing", "workloads", "vresource", "federated", "trace_overlap", "scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,9 @@ class GpuConfig:
   trace_tasks: tuple = ("digits_mlp", "mnist_lenet", "shapes_unet")
   trace_s: float = 0.2  # solo work per task in a traced co-run
   estimate_s: tuple = ()  # (experiment, seconds) it is expected to need; skipped below that
+  # the scale benchmark (bench_scale) on this machine's first device: (task, clients) pairs, steady rounds
+  scale_work: tuple = (("digits_mlp", 100), ("digits_mlp", 1000), ("mnist_lenet", 100), ("mnist_lenet", 1000))
+  scale_rounds: int = 3
 
 
 def config(mode: str = "gpu") -> GpuConfig:
@@ -91,7 +97,8 @@ def config(mode: str = "gpu") -> GpuConfig:
                                    speed_sigma=0.5, presence=0.7),),
         fed_rounds=3, fed_clients=8, fed_per_round=4, sim_tasks=("digits_mlp", "mnist_lenet"))
     return GpuConfig(repro, estimate_s=(("cosched", 150), ("gpu_sharing", 90), ("workloads", 40),
-                                        ("vresource", 50), ("federated", 80), ("trace_overlap", 30)))
+                                        ("vresource", 50), ("federated", 80), ("trace_overlap", 30),
+                                        ("scale", 90)))
   if mode == "dry":
     pair = ("digits_mlp", "mnist_lenet")
     repro = dataclasses.replace(
@@ -101,7 +108,8 @@ def config(mode: str = "gpu") -> GpuConfig:
         fed_scenarios=(FedScenario("tiny", pair, 0.5, 0.5),), fed_rounds=1, fed_clients=2,
         fed_per_round=2, sim_tasks=("digits_mlp",))
     return GpuConfig(repro, sharing_tasks=pair, sharing_work=(1.0, 2.0), sharing_total_s=0.2,
-                     sharing_repeats=1, fused_slice_s=0.01, trace_tasks=pair, trace_s=0.05)
+                     sharing_repeats=1, fused_slice_s=0.01, trace_tasks=pair, trace_s=0.05,
+                     scale_work=(("digits_mlp", 8),), scale_rounds=1)
   raise ValueError(f"unknown mode {mode!r}; valid: gpu, dry")
 
 
@@ -497,6 +505,9 @@ def _run_experiment(name, gc, repro, mps, seed, res, log) -> dict:
     return exp_gpu_sharing(gc, mps, log)
   if name == "trace_overlap":
     return exp_trace_overlap(gc, log, keep_dir=res / "traces")
+  if name == "scale":  # one device, one process: the simulator's client updates per second there
+    from mtfl_jax.experiments.bench_scale import bench_scale
+    return bench_scale(quick=True, configs=[(1, 1)], work=gc.scale_work, rounds=gc.scale_rounds, repeats=1, log=log)
   if name == "vresource" and no_mps:
     from mtfl_jax.experiments.bench_cosched import measure_vr_curves
     return {**measure_vr_curves(repro.vr_tasks, repro.vr_grid, backend="threads", log=log),

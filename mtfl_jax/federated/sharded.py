@@ -118,8 +118,8 @@ class ShardedClients:
 
   ``inner``: how a device runs its clients of a chunk, ``"vmap"`` (one batched program: good
   for dense models) or ``"loop"`` (one client at a time, each step a plain, unbatched program:
-  XLA CPU turns vmapped convolutions into slow grouped ones). None: ``loop`` for a task with
-  convolutions, else ``vmap`` (the rule of :func:`mtfl_jax.train.choose_local_mode`).
+  XLA CPU turns vmapped convolutions into slow grouped ones). None: on a CPU, ``loop`` for a
+  task with convolutions, else ``vmap``; on accelerators ``vmap``.
   ``per_device``: cap on clients per device per chunk (memory grows with it). ``unroll``:
   local steps per dispatched program (unrolled; masked past a client's last step).
   """
@@ -130,7 +130,8 @@ class ShardedClients:
     if unroll not in (1, 2, 4, 8, 16):
       raise ValueError(f"unroll must be 1, 2, 4, 8 or 16 (it divides the {WINDOW}-step window), got {unroll!r}")
     self.unroll = unroll
-    self.inner = inner or ("loop" if has_convolution(task) else "vmap")
+    cpu = self.mesh.devices.flat[0].platform == "cpu"
+    self.inner = inner or ("loop" if cpu and has_convolution(task) else "vmap")
     if self.inner not in INNER:
       raise ValueError(f"unknown inner mode {self.inner!r}; valid: {', '.join(INNER)}")
     self.k_max = int(per_device or K_MAX[self.inner])
