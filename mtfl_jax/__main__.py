@@ -85,27 +85,51 @@ def _federate_config(args):
   return FedConfig(**cfg)
 
 
-def _join(args) -> bool:
+def _join(args, cfg) -> bool:
   """Sets up devices and processes before any JAX computation; False: this process only
   launches the local processes (``--processes N`` without ``--process-id``)."""
   from mtfl_jax import distributed
+  for name in ("processes", "join_timeout"):
+    v = getattr(args, name)
+    if v < 1:
+      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
   if args.processes > 1 and args.process_id is None:
     return False
   if args.process_id is not None:
     if args.devices_per_process is not None:  # else JAX's own count (a process started by hand)
       distributed.use_cpu_devices(args.devices_per_process)
     distributed.initialize(args.coordinator, args.processes, args.process_id, timeout_s=args.join_timeout)
-  elif args.devices is not None:
-    distributed.use_cpu_devices(args.devices)
+  elif cfg.devices is not None:  # --devices or the config file's "devices"
+    distributed.use_cpu_devices(cfg.devices)
   return True
 
 
-def _launch(args) -> int:
+def _vr_model(cfg, workdir: Path):
+  """The run's virtual-resource model from this device's calibration store (measured and
+  stored there on first use); None for a run that resumes (its checkpoint holds its model)."""
+  ckpt = workdir / "checkpoints"
+  if ckpt.is_dir() and any(ckpt.iterdir()):
+    return None
+  from mtfl_jax.calibration import calibrate_mix, load_or_calibrate, store_path
+  try:
+    model, where = load_or_calibrate(cfg.task_defs)
+  except OSError:  # the store cannot be written: measure without keeping it
+    model, where = calibrate_mix(cfg.task_defs), f"measured now ({store_path()} is not writable)"
+  print(f"virtual-resource model: {where}", flush=True)
+  return model
+
+
+def _launch(args, cfg) -> int:
+  import json
+
   from mtfl_jax import distributed
-  argv = list(args.argv)
+  devices = args.devices if args.devices is not None else cfg.devices
+  if args.devices_per_process is None and devices is not None and devices % args.processes:
+    raise ValueError(f"--devices {devices} does not split evenly over --processes {args.processes}; "
+                     "give a multiple of the process count (or --devices-per-process)")
   drop = {"--processes", "--devices-per-process", "--devices"}
   keep, skip = [], False
-  for a in argv:
+  for a in args.argv:
     if skip:
       skip = False
       continue
@@ -115,40 +139,57 @@ def _launch(args) -> int:
     if any(a.startswith(d + "=") for d in drop):
       continue
     keep.append(a)
-  per = args.devices_per_process or max(1, (args.devices or args.processes) // args.processes)
-  return distributed.launch_local(keep, args.processes, devices_per_process=per, timeout_s=args.join_timeout)
+  per = args.devices_per_process or (devices // args.processes if devices else 1)
+  # The clock is resolved here, before the processes are pinned to their cores (pinned, this
+  # machine would look like a smaller one and get another calibration): process 0 reads it.
+  model = _vr_model(cfg, Path(args.workdir))
+  env = {"MTFL_VR_MODEL": json.dumps(model.to_json())} if model is not None else {}
+  return distributed.launch_local(keep, args.processes, devices_per_process=per, timeout_s=args.join_timeout, env=env)
 
 
 def _federate(args):
+  import os
+
   from mtfl_jax.results import check_writable
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
-  if not _join(args):
-    return _launch(args)
+  _check_resumable(cfg, Path(args.workdir))
+  if not _join(args, cfg):
+    return _launch(args, cfg)
   import jax
 
   from mtfl_jax.federated import run_federated
   from mtfl_jax.federated.outputs import write_outputs
+  from mtfl_jax.vresource import VRModel
   main = jax.process_index() == 0
   if main:
     print(f"federate: {', '.join(cfg.tasks)}; {cfg.clients_per_round} of {cfg.num_clients} clients per round, "
-          f"{cfg.rounds} rounds, policy {cfg.policy}, simulator {cfg.simulator} on {len(jax.devices())} "
+          f"{cfg.rounds} round(s), policy {cfg.policy}, simulator {cfg.simulator} on {len(jax.devices())} "
           f"device(s) in {jax.process_count()} process(es); workdir {args.workdir}", flush=True)
   model = None
-  if main and not (Path(args.workdir) / "checkpoints").exists():  # a resumed run uses its checkpoint's
-    from mtfl_jax.calibration import calibrate_mix, load_or_calibrate, store_path
-    try:
-      model, where = load_or_calibrate(cfg.task_defs)
-    except OSError:  # the store cannot be written: measure without keeping it
-      model, where = calibrate_mix(cfg.task_defs), f"measured now ({store_path()} is not writable)"
-    print(f"virtual-resource model: {where}", flush=True)
+  if main:
+    given = os.environ.get("MTFL_VR_MODEL")  # from the launcher
+    model = VRModel.from_json(__import__("json").loads(given)) if given else _vr_model(cfg, Path(args.workdir))
   res = run_federated(cfg, model=model, workdir=args.workdir, progress=main)
   if main:
     out = write_outputs(res, args.workdir)
     acc = ", ".join(f"{t} {a:.3f}" for t, a in res.final_accuracy().items())
-    print(f"done: {len(res.history)} rounds, {res.virtual_time_s:.1f} virtual s, final accuracy {acc}; "
+    print(f"done: {len(res.history)} round(s), {res.virtual_time_s:.1f} virtual s, final accuracy {acc}; "
           f"wrote {', '.join(str(p) for p in out.values())}")
   return 0
+
+
+def _check_resumable(cfg, workdir: Path) -> None:
+  """Before any work (and before processes are started): a workdir holding another run is a
+  one-line error naming the settings that differ."""
+  from mtfl_jax.federated.driver import config_differences
+  from mtfl_jax.results import read_json
+  f = workdir / "config.json"
+  if f.exists():
+    diff = config_differences(read_json(f, "the run's config", "delete it to reuse the workdir"), cfg.to_json())
+    if diff:
+      raise ValueError(f"{workdir} holds a run with a different config ({diff}); use another workdir "
+                       "(nothing there was changed)")
 
 
 def _reproduce(args):
@@ -201,7 +242,10 @@ def _user_errors() -> tuple:
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def _redeliver_swallowed_ctrl_c(unraisable, _previous=sys.unraisablehook):
+_PREVIOUS_HOOK = [sys.unraisablehook]
+
+
+def _redeliver_swallowed_ctrl_c(unraisable):
   """``sys.unraisablehook`` that re-delivers a Ctrl-C Python could not raise.
 
   A SIGINT that lands while a garbage-collector callback or ``__del__`` runs (JAX has one:
@@ -215,7 +259,7 @@ def _redeliver_swallowed_ctrl_c(unraisable, _previous=sys.unraisablehook):
     main_id = threading.main_thread().ident
     threading.Timer(0.1, signal.pthread_kill, (main_id, signal.SIGINT)).start()
     return
-  _previous(unraisable)
+  _PREVIOUS_HOOK[0](unraisable)
 
 
 def main(argv=None) -> int:
@@ -282,6 +326,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   args.argv = list(sys.argv[1:] if argv is None else argv)
   hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
+  _PREVIOUS_HOOK[0] = hook if hook is not _redeliver_swallowed_ctrl_c else sys.__unraisablehook__
   try:
     code = args.fn(args)
     if isinstance(code, int) and code:

@@ -170,9 +170,13 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
   Each process is pinned to its own share of the cores (:func:`core_share`). Process 0's
   output goes to this process's stdout/stderr; the others' output is kept and shown
   only if they fail. If any process exits with an error, the others are stopped (at once) and a
-  :class:`DistributedError` names it and shows the end of its output. Ctrl-C stops them all."""
+  :class:`DistributedError` names it and shows the end of its output. Ctrl-C or SIGTERM to
+  this process stops them all, and they die with it if it is killed (Linux: parent-death
+  signal). ``env`` adds environment variables for every process."""
   if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
     raise ValueError(f"--processes must be an integer >= 1, got {num_processes!r}")
+  if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
+    raise ValueError(f"--join-timeout must be an integer >= 1 (seconds), got {timeout_s!r}")
   coord = f"127.0.0.1:{free_port()}"
   base = {**os.environ, **(env or {})}
   # each process sets its own device count (--devices-per-process)
@@ -185,31 +189,61 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
     out = None if i == 0 else subprocess.PIPE
     cores = core_share(i, num_processes)
     env = {**base, "MTFL_CPU_CORES": ",".join(map(str, cores))} if cores else base
-    procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if i else None, text=True))
+    procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if i else None, text=True,
+                                  preexec_fn=_die_with_parent))
     tails.append([])
   for i, p in enumerate(procs[1:], 1):  # keep the others' pipes drained (their last lines kept)
     threading.Thread(target=_drain, args=(p.stdout, tails[i]), daemon=True).start()
+  def on_term(signum, frame):  # SIGTERM to the launcher: stop the run as Ctrl-C does
+    raise KeyboardInterrupt
+  previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+  done_at = None
   try:
     while True:
       codes = [p.poll() for p in procs]
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed or all(c is not None for c in codes):
         break
+      if codes[0] == 0:  # process 0 finished: the others get a grace period to end too
+        done_at = done_at or time.monotonic()
+        if time.monotonic() - done_at > timeout_s:
+          failed = [i for i, c in enumerate(codes) if c is None]
+          break
       time.sleep(0.2)
+    if failed and procs[0].poll() is None:  # a user error: process 0 says it in one line itself
+      try:
+        procs[0].wait(timeout=3)
+      except subprocess.TimeoutExpired:
+        pass
   except KeyboardInterrupt:
     _stop(procs)
     raise
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   if failed:
     _stop(procs)
+    if procs[0].returncode == 2:
+      return 2  # process 0 printed its own one-line error (the others end with it)
     i = failed[0]
     code = procs[i].returncode
-    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    how = ("did not end after process 0 finished" if code is None or (code < 0 and -code == signal.SIGTERM and
+                                                                         procs[0].returncode == 0)
+           else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
     tail = "".join(tails[i][-8:]).strip()
-    if i == 0 and code == 2:
-      return 2  # process 0 printed its own one-line error
     raise DistributedError(f"process {i} of {num_processes} {how}; the other processes were stopped"
                            + (f". Its last output:\n{tail}" if tail else ""))
   return procs[0].returncode
+
+
+def _die_with_parent() -> None:
+  """In a launched process, before it runs: die when the launcher dies (Linux), so that a
+  killed launcher leaves no process behind."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):  # not Linux: the launcher's own handlers still stop them
+    pass
 
 
 def _drain(stream, keep: list) -> None:

@@ -296,7 +296,7 @@ def one_process(tmp_path_factory):
 def test_federate_writes_history_figures_and_checkpoints(one_process):
   w, out = one_process["w"], one_process["first"]
   assert "simulator sharded on 2 device(s) in 1 process(es)" in out.stdout
-  assert "done: 2 rounds" in out.stdout and "Traceback" not in out.stderr
+  assert "done: 2 round(s)" in out.stdout and "Traceback" not in out.stderr
   doc = json.loads((w / "history.json").read_text())
   assert doc["processes"] == 1 and len(doc["devices"]) == 2 and doc["config"]["simulator"] == "sharded"
   rows, s = doc["history"], doc["summary"]
@@ -326,7 +326,7 @@ def test_federate_rerun_resumes_from_its_checkpoint(one_process):
   # have calibrated its clock again (other virtual times)
   assert after[:2] == before
   assert _steps(resumed) == ["2", "3"]
-  assert "done: 3 rounds" in one_process["again"].stdout
+  assert "done: 3 round(s)" in one_process["again"].stdout and "resuming" in one_process["again"].stdout
 
 
 def _children_of(pid: int) -> dict:
@@ -356,6 +356,9 @@ def test_two_processes_equal_one_survive_a_dead_worker_and_resume(one_process, t
   ref = json.loads((one_process["w"] / "history.json").read_text())
   assert doc["summary"]["final_accuracy"] == ref["summary"]["final_accuracy"]
   assert [r["workloads"] for r in doc["history"]] == [r["workloads"] for r in ref["history"]]
+  # the same clock: the launcher resolves the model before pinning the processes to their cores
+  # (pinned, process 0 saw a 1-core machine and calibrated another model)
+  assert [r["virtual_time_s"] for r in doc["history"]] == [r["virtual_time_s"] for r in ref["history"]]
   params2, _ = _checkpoint(w, 2)
   _close(params2, _checkpoint(one_process["w"], 2)[0])
   # process 0 alone wrote: one set of steps, nothing half-written
@@ -485,3 +488,53 @@ def test_bad_config_file_is_a_one_line_error_before_any_work(tmp_path, capsys, t
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and re.match("error: " + match.format(cfg=re.escape(str(cfg))), err), err
   assert time.perf_counter() - t0 < 5 and not (tmp_path / "w").exists()  # nothing ran, nothing written
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers' pids in /proc")
+def test_a_killed_launcher_leaves_no_worker_behind(tmp_path):
+  p = subprocess.Popen([sys.executable, "-m", "mtfl_jax", "federate", "--workdir", str(tmp_path / "w"), *FLAGS,
+                        "--processes", "2", "--rounds", "1000"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  kids = {}
+  try:
+    for line in p.stdout:
+      if line.startswith("federate:"):
+        break
+    kids = _children_of(p.pid)
+    assert len(kids) == 2, kids
+    p.kill()  # SIGKILL: no handler of the launcher runs; the workers must die with it
+    p.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and
+                                              "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                                              for pid in kids):
+      time.sleep(0.2)
+    alive = [pid for pid in kids if Path(f"/proc/{pid}").exists()
+             and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"]
+  finally:
+    for pid in kids:
+      try:
+        os.kill(pid, 9)
+      except ProcessLookupError:
+        pass
+  assert not alive, alive
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--processes", "0"], "--processes must be >= 1, got 0"),
+    (["--processes", "2", "--join-timeout", "0"], "--join-timeout must be >= 1, got 0"),
+    (["--processes", "2", "--devices", "3"], "--devices 3 does not split evenly over --processes 2"),
+])
+def test_bad_process_flags_are_one_line_errors_before_any_work(tmp_path, capsys, args, match):
+  from mtfl_jax.__main__ import main
+  assert main(["federate", "--workdir", str(tmp_path / "w"), *FLAGS, *args]) == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and match in err, err
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_rerun_names_the_settings_that_differ_and_may_change_devices_and_rounds():
+  from mtfl_jax.federated.driver import config_differences
+  saved = {"tasks": ["digits_mlp"], "seed": 0, "rounds": 2, "devices": 2}
+  assert config_differences(saved, {**saved, "rounds": 5, "devices": None}) == ""
+  assert config_differences(saved, {**saved, "seed": 1}) == "seed: 0 -> 1"

@@ -324,6 +324,18 @@ def restore_latest(mgr, template: ServerState, workdir: Path, log=print) -> Rest
 
 
 
+# Settings a rerun may change and still resume: more rounds, and where clients run (devices
+# change only the float rounding of the aggregate).
+RESUMABLE_CHANGES = ("rounds", "devices")
+
+
+def config_differences(saved: dict, given: dict) -> str:
+  """The settings in which ``given`` differs from a workdir's ``saved`` config (JSON dicts),
+  as ``"name: saved -> given, ..."``; empty when a rerun with ``given`` resumes that run."""
+  keys = sorted((set(saved) | set(given)) - set(RESUMABLE_CHANGES))
+  return ", ".join(f"{k}: {saved.get(k)!r} -> {given.get(k)!r}" for k in keys if saved.get(k) != given.get(k))
+
+
 def _clock_json(model: VRModel, corrections: MixCorrections | None) -> dict:
   # through JSON text: floats come back bit-identical, so a resumed clock is the same clock
   return json.loads(json.dumps({"vr_model": dataclasses.asdict(model),
@@ -376,17 +388,30 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg_file = workdir / "config.json"
-    same = lambda d: {k: v for k, v in d.items() if k != "rounds"}  # more rounds: the run goes on
-    if cfg_file.exists() and same(read_json(cfg_file, "the run's config", f"delete it to reuse {workdir} (its checkpoints are kept) or use another workdir", fields=("tasks",))) != same(cfg.to_json()):
-      raise ValueError(f"{workdir} holds a run with a different config; use another workdir "
-                       "(nothing there was changed)")
+    if cfg_file.exists():
+      diff = config_differences(read_json(cfg_file, "the run's config", f"delete it to reuse {workdir} (its "
+                                          "checkpoints are kept) or use another workdir", fields=("tasks",)),
+                                cfg.to_json())
+      if diff:
+        raise ValueError(f"{workdir} holds a run with a different config ({diff}); use another workdir "
+                         "(nothing there was changed)")
     if main:
       write_json(cfg_file, cfg.to_json())
     mgr = _manager(workdir)
     restored = restore_latest(mgr, state, workdir, log)
+    if jax.process_count() > 1:  # every process must go on from the same round
+      from mtfl_jax.distributed import DistributedError, broadcast_json
+      mine = 0 if restored is None else len(restored.history)
+      first = broadcast_json(mine)
+      if mine != first:
+        raise DistributedError(
+            f"process {jax.process_index()} found round {mine} in {workdir / 'checkpoints'} but process 0 found "
+            f"round {first}: in a multi-process run every process must see the same workdir (a shared "
+            "directory across hosts)")
     if restored is not None:
       state, history = restored.state, restored.history
       model, corrections = _clock_inputs(restored.clock, model, corrections)
+      log(f"mtfl_jax: resuming {workdir} after round {len(history)} of {cfg.rounds}")
   if jax.process_count() == 1:
     model = model or calibrate_mix(cfg.task_defs)
   else:  # one clock for all processes: process 0's (it alone calibrates; the others wait)

@@ -35,7 +35,8 @@ class Federation:
     ``devices`` (built once: the dataset goes to the devices once, programs compile once)."""
     if task not in self.sharded:
       from mtfl_jax.federated.sharded import ShardedClients, client_mesh
-      self.sharded[task] = ShardedClients(self.cfg.task(task), self.datasets[task], client_mesh(self.cfg.devices))
+      self.sharded[task] = ShardedClients(self.cfg.task(task), self.datasets[task], client_mesh(self.cfg.devices),
+                                          clients_hint=self.cfg.clients_per_round)
     return self.sharded[task]
 
   def workloads(self, client: int, epochs: float | Mapping[str, float] | None = None) -> dict[str, int]:

@@ -122,10 +122,12 @@ class ShardedClients:
   task with convolutions, else ``vmap``; on accelerators ``vmap``.
   ``per_device``: cap on clients per device per chunk (memory grows with it). ``unroll``:
   local steps per dispatched program (unrolled; masked past a client's last step).
+  ``clients_hint``: the usual number of clients per round, which fixes the chunk size (else
+  the first round's count does: a first round with few clients would keep chunks small).
   """
 
   def __init__(self, task, ds, mesh: Mesh | None = None, inner: str | None = None, per_device: int | None = None,
-               unroll: int = 1):
+               unroll: int = 1, clients_hint: int | None = None):
     self.task, self.mesh = task, mesh if mesh is not None else client_mesh()
     if unroll not in (1, 2, 4, 8, 16):
       raise ValueError(f"unroll must be 1, 2, 4, 8 or 16 (it divides the {WINDOW}-step window), got {unroll!r}")
@@ -143,7 +145,9 @@ class ShardedClients:
     self.x = global_array(ds.x_train, self._rep)
     self.y = global_array(ds.y_train, self._rep)
     self._steps: dict = {}
-    self.k: int | None = None  # clients per device per chunk, fixed by the first round
+    self.k: int | None = None  # clients per device per chunk, fixed by clients_hint or the first round
+    if clients_hint:
+      self.chunk_size(int(clients_hint))
     self.compiles = 0  # programs built (tests check that later rounds build none)
     self._programs: dict = {}
 
@@ -280,12 +284,13 @@ class ShardedClients:
       oks.append((chunk, ok))
     dsum, msum = self._program("reduce", k)(dacc, macc)
     delta = jax.tree.map(to_host, dsum)
-    mstate = jax.tree.map(lambda s, ref: to_host(s).astype(np.asarray(ref).dtype), msum,
+    msum = jax.tree.map(to_host, msum)  # float32 sums: checked below before any cast
+    mstate = jax.tree.map(lambda s, ref: s.astype(np.asarray(ref).dtype), msum,
                           jax.tree.map(to_host, model_state or {}))
     finite = np.ones(n, bool)
     # Every client's weight is > 0, so a non-finite client makes the sums non-finite: only
     # then are the per-client flags read (in several processes, gathered first).
-    if not all(np.isfinite(a).all() for a in jax.tree.leaves((delta, mstate)) if np.issubdtype(a.dtype, np.inexact)):
+    if not all(np.isfinite(np.asarray(a, np.float32)).all() for a in jax.tree.leaves((delta, msum))):
       for chunk, ok in oks:
         ok = to_host(ok if ok.is_fully_addressable else self._program("gather", k)(ok))
         for r, i in enumerate(chunk):
