@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-PUBLIC = {"mtfl_jax", "mtfl_jax.federated", "mtfl_jax.vresource", "mtfl_jax.plotting", "mtfl_jax.clock",
+PUBLIC = {"mtfl_jax", "mtfl_jax.federated", "mtfl_jax.distributed", "mtfl_jax.vresource", "mtfl_jax.plotting", "mtfl_jax.clock",
           "mtfl_jax.tasks", "mtfl_jax.data", "mtfl_jax.profiling", "mtfl_jax.cosched", "mtfl_jax.backends"}
 INTERNAL = re.compile(r"bench_|reproduce|experiments|gpu_record")
 # a cell plots when it calls plt.* or a drawing function of mtfl_jax.plotting
