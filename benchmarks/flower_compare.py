@@ -357,15 +357,8 @@ def _flower_versions(python: str) -> dict | None:
 
 
 def _machine() -> dict:
-  cpu = platform.processor() or "cpu"
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {"platform": platform.platform(), "cpu": cpu, "nproc": len(os.sched_getaffinity(0)),
+  from mtfl_jax.profiling import cpu_model
+  return {"platform": platform.platform(), "cpu": cpu_model(), "nproc": len(os.sched_getaffinity(0)),
           "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -120,8 +122,6 @@ def _vr_model(cfg, workdir: Path):
 
 
 def _launch(args, cfg) -> int:
-  import json
-
   from mtfl_jax import distributed
   devices = args.devices if args.devices is not None else cfg.devices
   if args.devices_per_process is None and devices is not None and devices % args.processes:
@@ -148,8 +148,6 @@ def _launch(args, cfg) -> int:
 
 
 def _federate(args):
-  import os
-
   from mtfl_jax.results import check_writable
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
@@ -169,7 +167,7 @@ def _federate(args):
   model = None
   if main:
     given = os.environ.get("MTFL_VR_MODEL")  # from the launcher
-    model = VRModel.from_json(__import__("json").loads(given)) if given else _vr_model(cfg, Path(args.workdir))
+    model = VRModel.from_json(json.loads(given)) if given else _vr_model(cfg, Path(args.workdir))
   res = run_federated(cfg, model=model, workdir=args.workdir, progress=main)
   if main:
     out = write_outputs(res, args.workdir)

@@ -178,9 +178,7 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
   if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
     raise ValueError(f"--join-timeout must be an integer >= 1 (seconds), got {timeout_s!r}")
   coord = f"127.0.0.1:{free_port()}"
-  base = {**os.environ, **(env or {})}
-  # each process sets its own device count (--devices-per-process)
-  base["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", base.get("XLA_FLAGS", "")).strip()
+  base = child_environ(env)
   procs, tails = [], []
   for i in range(num_processes):
     cmd = [sys.executable, "-m", "mtfl_jax", *args, "--processes", str(num_processes), "--process-id", str(i),
@@ -197,7 +195,7 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
   def on_term(signum, frame):  # SIGTERM to the launcher: stop the run as Ctrl-C does
     raise KeyboardInterrupt
   previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
-  done_at = None
+  done_at, stragglers = None, False
   try:
     while True:
       codes = [p.poll() for p in procs]
@@ -207,7 +205,7 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
       if codes[0] == 0:  # process 0 finished: the others get a grace period to end too
         done_at = done_at or time.monotonic()
         if time.monotonic() - done_at > timeout_s:
-          failed = [i for i, c in enumerate(codes) if c is None]
+          failed, stragglers = [i for i, c in enumerate(codes) if c is None], True
           break
       time.sleep(0.2)
     if failed and procs[0].poll() is None:  # a user error: process 0 says it in one line itself
@@ -216,19 +214,18 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
       except subprocess.TimeoutExpired:
         pass
   except KeyboardInterrupt:
-    _stop(procs)
+    stop_processes(procs)
     raise
   finally:
     if previous is not None:
       signal.signal(signal.SIGTERM, previous)
   if failed:
-    _stop(procs)
+    stop_processes(procs)
     if procs[0].returncode == 2:
       return 2  # process 0 printed its own one-line error (the others end with it)
     i = failed[0]
     code = procs[i].returncode
-    how = ("did not end after process 0 finished" if code is None or (code < 0 and -code == signal.SIGTERM and
-                                                                         procs[0].returncode == 0)
+    how = ("did not end after process 0 finished" if stragglers
            else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
     tail = "".join(tails[i][-8:]).strip()
     raise DistributedError(f"process {i} of {num_processes} {how}; the other processes were stopped"
@@ -252,7 +249,16 @@ def _drain(stream, keep: list) -> None:
     del keep[:-50]
 
 
-def _stop(procs) -> None:
+def child_environ(extra: dict | None = None) -> dict:
+  """This process's environment (plus ``extra``) for a process that sets its own device count:
+  without XLA_FLAGS' ``--xla_force_host_platform_device_count``."""
+  env = {**os.environ, **(extra or {})}
+  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+  return env
+
+
+def stop_processes(procs) -> None:
+  """SIGTERM to the processes still running; SIGKILL to those not ended 10 s later."""
   for p in procs:
     if p.poll() is None:
       p.send_signal(signal.SIGTERM)

@@ -37,19 +37,22 @@ from mtfl_jax.train import init_state, make_train_step, param_count, sample_batc
 
 # --------------------------------------------------------------------------- device
 @functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+  """This machine's CPU model, e.g. 'AMD EPYC 7B13' (from /proc/cpuinfo where there is one)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "cpu"
+
+
 def device_name() -> str:
   """A readable name of the default device, e.g. 'cpu: AMD EPYC 7B13 (2 cores)'."""
   dev = jax.devices()[0]
   if dev.platform == "cpu":
-    model = platform.processor() or "cpu"
-    try:
-      for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-          model = line.split(":", 1)[1].strip()
-          break
-    except OSError:
-      pass
-    return f"cpu: {model} ({len(os.sched_getaffinity(0))} cores)"
+    return f"cpu: {cpu_model()} ({len(os.sched_getaffinity(0))} cores)"
   return f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}"
 
 

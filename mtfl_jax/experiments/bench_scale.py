@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -185,30 +184,18 @@ def run_point(spec: dict) -> dict:
 
 # --------------------------------------------------------------------------- the parent
 def _child_env() -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+  from mtfl_jax.distributed import child_environ
+  env = child_environ()
   root = str(Path(__file__).resolve().parents[2])  # this checkout's mtfl_jax, whatever is installed
   env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   return env
-
-
-def _stop(procs) -> None:
-  for p in procs:
-    if p.poll() is None:
-      p.terminate()
-  for p in procs:
-    try:
-      p.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      p.kill()
-      p.wait()
 
 
 def launch_point(spec: dict, timeout_s: float = 1800) -> dict:
   """Runs ``spec`` in fresh processes (``python -m mtfl_jax.experiments.bench_scale --point``;
   ``processes`` of them joined over ``jax.distributed``) and returns process 0's JSON, with
   ``peak_rss_mb_per_process``; a failed point raises ``RuntimeError`` with its output's end."""
-  from mtfl_jax.distributed import core_share, free_port
+  from mtfl_jax.distributed import core_share, free_port, stop_processes
   processes = int(spec.get("processes", 1))
   if processes > 1:
     spec = {**spec, "coordinator": f"127.0.0.1:{free_port()}"}
@@ -232,7 +219,7 @@ def launch_point(spec: dict, timeout_s: float = 1800) -> dict:
       time.sleep(0.1)
     failed = [i for i, p in enumerate(procs) if p.poll() != 0]
     if failed:
-      _stop(procs)
+      stop_processes(procs)
       i = failed[0]
       logs[i].seek(0)
       tail = "".join(logs[i].readlines()[-15:]).strip()
@@ -240,7 +227,7 @@ def launch_point(spec: dict, timeout_s: float = 1800) -> dict:
       raise RuntimeError(f"scale point {json.dumps({k: spec[k] for k in ('task', 'clients', 'devices', 'processes')})}: "
                          f"process {i} {how}:\n{tail}")
   finally:
-    _stop(procs)
+    stop_processes(procs)
     for log in logs:
       log.close()
   res = [json.loads(out.with_name(f"{out.stem}.p{i}.json").read_text()) for i in range(processes)]

@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mtfl_jax.federated.simulator import ClientWork, _batch_ids, client_final, client_init, client_key
+from mtfl_jax.federated.simulator import ClientWork, _batch_ids, client_final, client_init, client_keys
 from mtfl_jax.train import has_convolution, make_train_step
 
 CLIENTS = "clients"
@@ -266,15 +266,15 @@ class ShardedClients:
       S = -(-smax // WINDOW) * WINDOW
       ids = np.zeros((C, S, B), np.int32)
       active = np.zeros((C, S), bool)
-      keys = np.zeros((C, 2), np.uint32)
+      seeds = np.zeros(C, np.uint32)
       pc, qc, bad = np.zeros(C, np.float32), np.zeros(C, np.float32), np.zeros(C, bool)
       for r, i in enumerate(chunk):
         w = works[i]
         ids[r, :w.steps] = _batch_ids(w, B)
         active[r, :w.steps] = True
-        keys[r] = np.asarray(client_key(w.seed))
+        seeds[r] = w.seed
         pc[r], qc[r], bad[r] = p[i], q[i], poison[i]
-      states = init(gp, ms, global_array(keys, self._shd))
+      states = init(gp, ms, global_array(client_keys(seeds), self._shd))  # a fixed-size batch: one program
       for s in range(0, smax, self.unroll):
         if s % WINDOW == 0:
           win = slice(s, s + WINDOW)

@@ -50,6 +50,14 @@ def client_key(seed: int) -> jax.Array:
   return jax.random.PRNGKey(np.uint32(seed))
 
 
+_KEYS = jax.jit(jax.vmap(jax.random.PRNGKey))
+
+
+def client_keys(seeds) -> np.ndarray:
+  """:func:`client_key` of many seeds at once (one dispatch; the same keys), as numpy."""
+  return np.asarray(_KEYS(np.asarray(seeds, np.uint32)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientWork:
   """One client's work on one task in a round: ``steps`` local steps on batches drawn from
