@@ -62,7 +62,7 @@ class Availability:
   ``windows[c]`` is client c's online windows as an array of ``[start, end)`` rows, sorted,
   disjoint and not touching (touching windows are merged: a client online in ``[0, 10)`` and
   ``[10, 20)`` is online throughout ``[0, 20)``). With ``period_s`` set, the windows lie in
-  ``[0, period_s)`` and repeat every period (a window ending at ``period_s`` continues into
+  ``[0, period_s]`` and repeat every period (a window ending at ``period_s`` continues into
   the next period's window starting at 0); without it they are absolute and the client is
   offline after its last window. A client with no windows is never online.
 
