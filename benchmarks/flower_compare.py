@@ -82,31 +82,55 @@ def run_mtfl(args) -> dict:
     from mtfl_jax.distributed import use_cpu_devices
     use_cpu_devices(args.devices)  # before JAX starts
   import jax
-  from mtfl_jax.federated import run_federated
+  from mtfl_jax.federated import Callback, ClientExecutor, make_executor, register_executor, run_federated
   from mtfl_jax.profiling import device_name
 
+  events = []
+
+  class Timed(ClientExecutor):
+    """The configured executor, recording when each task's clients finished training."""
+
+    def __init__(self, fed_task, program, inner="auto", **options):
+      self.inner = make_executor(inner, fed_task, program, **options)
+
+    @property
+    def name(self):
+      return self.inner.name
+
+    def run(self, *a, **kw):
+      out = self.inner.run(*a, **kw)
+      events.append(("task_done", None, time.time()))
+      return out
+
+  class Rounds(Callback):
+    def before_round(self, run, rnd, round_time_s):
+      events.append(("round_start", rnd, time.time()))
+
+    def after_round(self, run, row):
+      events.append(("round_end", row["round"], time.time()))
+
+  register_executor("timed", Timed)
   cfg = _fed_config(args.clients, args.per_round, rounds=args.rounds, policy="none",
-                    eval_every=args.rounds, simulator=args.simulator,
-                    devices=args.devices if args.simulator == "sharded" else None)
+                    eval_every=args.rounds, simulator="timed")
+  options = {"inner": args.simulator, **({"devices": args.devices} if args.simulator == "sharded" else {})}
   model, calibration = None, "measured at start-up by run_federated (calibrate_mix)"
   if args.calibration == "stored":
     model, where = _stored_model(cfg.tasks)
     calibration = f"stored ({where})" if model is not None else "measured at start-up (no stored model found)"
-  events = []
-  res = run_federated(cfg, model=model, progress=False, callback=lambda ev, rnd: events.append((ev, rnd, time.time())))
+  res = run_federated(cfg, model=model, progress=False, callbacks=[Rounds()], executor_options=options)
   t_done = time.time()
   rounds = []
   for r in range(len(res.history)):
     start = next(t for ev, rr, t in events if ev == "round_start" and rr == r)
-    trained = max(t for ev, rr, t in events if ev == "task_done" and rr == r)  # before any evaluation
     end = next(t for ev, rr, t in events if ev == "round_end" and rr == r)
+    trained = max(t for ev, _, t in events if ev == "task_done" and start <= t <= end)  # before any evaluation
     h = res.history[r]
     rounds.append({"round": r + 1, "start": start, "end": trained, "round_end_event": end,
                    "round_s": trained - start, "clients": h["sampled"],
                    "steps": sum(sum(w.values()) for w in h["workloads"].values())})
   return {"side": "mtfl_jax", "clients": args.clients, "per_round": args.per_round, "simulator": args.simulator,
           "devices": len(jax.devices()),
-          "modes": dict(res.modes), "calibration": calibration, "t_launch": t_launch, "t_main": t_main,
+          "modes": dict(res.executors), "calibration": calibration, "t_launch": t_launch, "t_main": t_main,
           "t_first_round_end": rounds[0]["end"], "t_done": t_done, "rounds": rounds,
           "accuracy_end": res.final_accuracy(), "device": device_name(), "jax": jax.__version__}
 
@@ -141,7 +165,7 @@ def _actor_state(n: int, k: int) -> dict:
     from mtfl_jax.federated.federation import build_federation
     from mtfl_jax.train import make_train_step
     fed = build_federation(_fed_config(n, k))
-    _ACTOR.update(fed=fed, steps={t: jax.jit(make_train_step(fed.cfg.task(t))) for t in TASKS})
+    _ACTOR.update(fed=fed, steps={ft.name: jax.jit(make_train_step(ft.task)) for ft in fed.tasks})
     log = os.environ.get("FLOWER_COMPARE_ACTOR_LOG")
     if log:
       with open(log, "a") as f:
@@ -157,8 +181,9 @@ def flower_train(msg, context):
   import numpy as np
   from flax.traverse_util import flatten_dict, unflatten_dict
   from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-  from mtfl_jax.federated.simulator import client_init, client_key, client_seed
-  from mtfl_jax.train import batch_indices
+  import jax.numpy as jnp
+  from mtfl_jax.federated.client import client_keys, client_seed
+  from mtfl_jax.train import TrainState, batch_indices
 
   conf = msg.content["config"]
   n, k, c, rnd = int(conf["num-clients"]), int(conf["per-round"]), int(conf["client-id"]), int(conf["server-round"]) - 1
@@ -167,13 +192,16 @@ def flower_train(msg, context):
   glob = unflatten_dict({key: a.numpy() for key, a in msg.content["arrays"].items()}, sep="/")
   out, examples, steps_done = {}, 0, 0
   for ti, t in enumerate(TASKS):
-    task, ds, idx = fed.cfg.task(t), fed.datasets[t], fed.shards[t][c]
+    ft = fed.tasks[ti]
+    task, ds, idx = ft.task, ft.data, ft.shards[c]
     params, model_state = glob[t]["params"], glob[t].get("model_state", {})
     steps = fed.workloads(c)[t]
     if steps > 0:
       seed = client_seed(SEED, rnd, ti, c)
       ids = batch_indices(idx, task.batch_size, steps, seed)
-      state = client_init(task, params, model_state, client_key(seed))
+      # mtfl_jax's client start: the global model, a fresh optimizer state, the client's key
+      state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=task.optimizer.init(params),
+                         model_state=model_state, rng=client_keys([seed])[0])
       step = actor["steps"][t]
       for j in range(steps):
         state, _ = step(state, {"image": ds.x_train[ids[j]], "label": ds.y_train[ids[j]]})
@@ -248,6 +276,7 @@ def run_flower(args) -> dict:
   from flwr.clientapp import ClientApp
   from flwr.serverapp import Grid, ServerApp
   from flwr.simulation import run_simulation
+  from mtfl_jax.tasks import get_task
   from mtfl_jax.train import init_variables
 
   # Imported by name, not as __main__: Ray ships the train function by reference, so each actor
@@ -284,7 +313,7 @@ def run_flower(args) -> dict:
   final = unflatten_dict({key: a.numpy() for key, a in result["result"].arrays.items()}, sep="/")
   accuracy = {}
   for t in TASKS:
-    ds = _fed_config(n, k).task(t).load_data(allow_synthetic=False)
+    ds = get_task(t).load_data(allow_synthetic=False)
     m = evaluate(t, final[t]["params"], ds.x_test, ds.y_test, model_state=final[t].get("model_state", {}))
     accuracy[t] = round(m["accuracy"], 6)
   actors = []

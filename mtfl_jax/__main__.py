@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -108,9 +106,9 @@ def _join(args, cfg) -> bool:
 
 def _vr_model(cfg, workdir: Path):
   """The run's virtual-resource model from this device's calibration store (measured and
-  stored there on first use); None for a run that resumes (its checkpoint holds its model)."""
-  ckpt = workdir / "checkpoints"
-  if ckpt.is_dir() and any(ckpt.iterdir()):
+  stored there on first use); None when the workdir already holds the run's clock
+  (``clock.json``: a resumed run keeps the clock it started with)."""
+  if (workdir / "clock.json").exists():
     return None
   from mtfl_jax.calibration import calibrate_mix, load_or_calibrate, store_path
   try:
@@ -123,6 +121,8 @@ def _vr_model(cfg, workdir: Path):
 
 def _launch(args, cfg) -> int:
   from mtfl_jax import distributed
+  from mtfl_jax.clock import inputs_json
+  from mtfl_jax.results import write_json
   devices = args.devices if args.devices is not None else cfg.devices
   if args.devices_per_process is None and devices is not None and devices % args.processes:
     raise ValueError(f"--devices {devices} does not split evenly over --processes {args.processes}; "
@@ -141,10 +141,13 @@ def _launch(args, cfg) -> int:
     keep.append(a)
   per = args.devices_per_process or (devices // args.processes if devices else 1)
   # The clock is resolved here, before the processes are pinned to their cores (pinned, this
-  # machine would look like a smaller one and get another calibration): process 0 reads it.
-  model = _vr_model(cfg, Path(args.workdir))
-  env = {"MTFL_VR_MODEL": json.dumps(model.to_json())} if model is not None else {}
-  return distributed.launch_local(keep, args.processes, devices_per_process=per, timeout_s=args.join_timeout, env=env)
+  # machine would look like a smaller one and get another calibration): the run's clock.json.
+  workdir = Path(args.workdir)
+  model = _vr_model(cfg, workdir)
+  if model is not None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "clock.json", inputs_json(model, None))
+  return distributed.launch_local(keep, args.processes, devices_per_process=per, timeout_s=args.join_timeout)
 
 
 def _federate(args):
@@ -156,31 +159,27 @@ def _federate(args):
     return _launch(args, cfg)
   import jax
 
-  from mtfl_jax.federated import run_federated
-  from mtfl_jax.federated.outputs import write_outputs
-  from mtfl_jax.vresource import VRModel
+  from mtfl_jax.federated import MetricsWriter, Outputs, run_federated
   main = jax.process_index() == 0
   if main:
     print(f"federate: {', '.join(cfg.tasks)}; {cfg.clients_per_round} of {cfg.num_clients} clients per round, "
           f"{cfg.rounds} round(s), policy {cfg.policy}, simulator {cfg.simulator} on {len(jax.devices())} "
           f"device(s) in {jax.process_count()} process(es); workdir {args.workdir}", flush=True)
-  model = None
+  model = _vr_model(cfg, Path(args.workdir)) if main and jax.process_count() == 1 else None
+  outputs = Outputs(args.workdir)
+  callbacks = [outputs] + ([MetricsWriter(args.log_dir)] if args.log_dir else [])
+  res = run_federated(cfg, model=model, workdir=args.workdir, progress=main, callbacks=callbacks)
   if main:
-    given = os.environ.get("MTFL_VR_MODEL")  # from the launcher
-    model = VRModel.from_json(json.loads(given)) if given else _vr_model(cfg, Path(args.workdir))
-  res = run_federated(cfg, model=model, workdir=args.workdir, progress=main)
-  if main:
-    out = write_outputs(res, args.workdir)
     acc = ", ".join(f"{t} {a:.3f}" for t, a in res.final_accuracy().items())
     print(f"done: {len(res.history)} round(s), {res.virtual_time_s:.1f} virtual s, final accuracy {acc}; "
-          f"wrote {', '.join(str(p) for p in out.values())}")
+          f"wrote {', '.join(str(p) for p in outputs.paths.values())}")
   return 0
 
 
 def _check_resumable(cfg, workdir: Path) -> None:
   """Before any work (and before processes are started): a workdir holding another run is a
   one-line error naming the settings that differ."""
-  from mtfl_jax.federated.driver import config_differences
+  from mtfl_jax.federated.callbacks import config_differences
   from mtfl_jax.results import read_json
   f = workdir / "config.json"
   if f.exists():
@@ -319,6 +318,8 @@ def main(argv=None) -> int:
   fe.add_argument("--seed", type=int)
   fe.add_argument("--eval-every", type=int)
   fe.add_argument("--simulator", help="sharded (default), auto, loop or vmap")
+  fe.add_argument("--log-dir", help="stream each round's metrics here: metrics.csv, and TensorBoard event files "
+                  "when tensorboardX is installed")
   fe.set_defaults(fn=_federate)
 
   args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The virtual clock of a simulated federation.
+"""The virtual clock of a simulated federation: pure functions of a fleet, a model and workloads.
 
 Each client's round time is its co-scheduled makespan for its own per-task workloads (the
 virtual-resource model fitted from a co-run measured on this machine, see
@@ -6,81 +6,24 @@ virtual-resource model fitted from a co-run measured on this machine, see
 and upload every model it trains (bytes / bandwidth). A synchronous round lasts as long as
 its slowest participating client; the others idle for the difference.
 
-Device heterogeneity, in one place (not tuned to any result):
-
-* speed ~ lognormal(0, ``SPEED_SIGMA``) relative to this machine, ``SPEED_SIGMA = 0.5``: the
-  middle 90% of clients lie within 0.44x-2.3x. Measured mobile fleets are more spread out
-  (FedScale's device traces, Lai et al. 2022, span over 10x), so this is a moderate setting;
-  pass a trace for your own fleet.
-* bandwidth ~ lognormal(log(``BANDWIDTH_MEDIAN``), ``BANDWIDTH_SIGMA``) bytes/s, median
-  20 Mbit/s, sigma 0.5 (again moderate).
+The clients' devices (speed, bandwidth, availability) are :mod:`mtfl_jax.fleet`'s.
 
 The intra-device part is modelled (:class:`~mtfl_jax.vresource.VRModel`) and checked against
-measurement: :func:`measure_corrections` co-runs a few representative workload mixes
-(:func:`representative_mixes`, bucketed by :func:`mix_key`) under equal and competitive
-shares, and :func:`client_compute_time` scales the model's makespan by measured / predicted
-for clients whose mix was measured (the clock follows the measurement there).
-
-A trace is a JSON list of ``{"speed": x, "bandwidth_bps": y}``, one per client (bits/s).
+measurement: :func:`mtfl_jax.calibration.measure_corrections` co-runs a few representative
+workload mixes (bucketed by :func:`mix_key`) under equal and competitive shares, and
+:func:`client_compute_time` scales the model's makespan by measured / predicted for clients
+whose mix was measured (the clock follows the measurement there). Nothing here measures:
+:class:`Clock` is a value, the same on every process and after a resume.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from pathlib import Path
+import json
 from typing import Mapping
 
 import numpy as np
 
 from mtfl_jax.vresource import VRModel
-
-SPEED_SIGMA = 0.5
-BANDWIDTH_MEDIAN = 20e6 / 8  # bytes/s (20 Mbit/s)
-BANDWIDTH_SIGMA = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class Fleet:
-  """Per-client device speed (relative to this machine) and bandwidth (bytes/s)."""
-  speed: np.ndarray
-  bandwidth: np.ndarray
-
-  @classmethod
-  def lognormal(cls, num_clients: int, seed: int, speed_sigma: float = SPEED_SIGMA,
-                bandwidth_median: float = BANDWIDTH_MEDIAN, bandwidth_sigma: float = BANDWIDTH_SIGMA) -> "Fleet":
-    rng = np.random.default_rng([seed, 7919])
-    return cls(rng.lognormal(0.0, speed_sigma, num_clients),
-               rng.lognormal(math.log(bandwidth_median), bandwidth_sigma, num_clients))
-
-  @classmethod
-  def from_trace(cls, path: str | Path, num_clients: int) -> "Fleet":
-    """The first ``num_clients`` rows of a JSON trace ``[{"speed": x, "bandwidth_bps": y}, ...]``;
-    every row is checked, and an error names the row, field and value."""
-    from mtfl_jax.results import BadFileError, read_json
-    form = 'a JSON list of {"speed": x, "bandwidth_bps": y} (x > 0 relative to this machine, y bits/s > 0), one per client'
-    rows = read_json(path, what="fleet trace", remedy=f"a trace is {form}")
-
-    def bad(msg):
-      raise BadFileError(f"fleet trace {path}: {msg}; a trace is {form}")
-    if not isinstance(rows, list):
-      bad(f"holds a JSON {type(rows).__name__}, not a list")
-    if len(rows) < num_clients:
-      bad(f"describes {len(rows)} clients, the federation has {num_clients}")
-    vals = {"speed": [], "bandwidth_bps": []}
-    for i, r in enumerate(rows):
-      if not isinstance(r, dict):
-        bad(f"row {i} is {r!r}, not an object")
-      for f in vals:
-        if f not in r:
-          bad(f"row {i} has no field '{f}' (it has {', '.join(map(repr, r)) or 'none'})")
-        v = r[f]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-          bad(f"row {i}, field '{f}': {v!r} is not a number")
-        if not (math.isfinite(v) and v > 0):
-          bad(f"row {i}, field '{f}': {v!r} must be a finite number > 0")
-        vals[f].append(float(v))
-    return cls(np.array(vals["speed"][:num_clients]), np.array(vals["bandwidth_bps"][:num_clients]) / 8)
-
 
 # How a client's device is shared among its tasks: a rule name -> ``(model, workloads) ->
 # per-task shares``. A federated policy names its rule (``FedPolicy.shares``); measured
@@ -146,63 +89,51 @@ def client_compute_time(model: VRModel, workloads: Mapping[str, int], shares: st
   return (t, f is not None) if with_source else t
 
 
-def representative_mixes(workload_vectors, solo_step_s: Mapping[str, float], total_s: float = 0.6,
-                         max_mixes: int = 4) -> dict[str, dict[str, int]]:
-  """The ``max_mixes`` most frequent buckets (:func:`mix_key`) of multi-task clients among
-  ``workload_vectors``, each as the bucket's mean solo-work fractions scaled to ``total_s``
-  seconds of solo work (at least 2 steps per task present)."""
-  groups: dict = {}
-  for wl in workload_vectors:
-    if sum(1 for w in wl.values() if w > 0) < 2:
-      continue  # a single task has nothing to share the device with
-    work = {t: w * solo_step_s[t] for t, w in wl.items()}
-    total = sum(work.values())
-    groups.setdefault(mix_key(wl, solo_step_s), []).append({t: v / total for t, v in work.items()})
-  top = sorted(groups, key=lambda k: (-len(groups[k]), k))[:max_mixes]
-  out = {}
-  for k in top:
-    frac = {t: float(np.mean([g[t] for g in groups[k]])) for t in groups[k][0]}
-    out[k] = {t: (max(2, int(round(f * total_s / solo_step_s[t]))) if f > 0 else 0) for t, f in frac.items()}
-  return out
-
-
-def measure_corrections(model: VRModel, mixes: Mapping[str, Mapping[str, int]], backend: str = "threads",
-                        repeats: int = 3, log=print) -> MixCorrections:
-  """Runs each mix on ``backend`` under equal and competitive shares (after one warm-up run;
-  ``repeats`` interleaved runs of each, their median kept: single runs of a short co-run
-  differed by up to 1.8x on a loaded 2-core CPU) and compares the measured makespans with the
-  model's prediction for the same workloads."""
-  from mtfl_jax.backends import Job, open_backend
-  factors, detail = {}, {}
-  for key, wl in mixes.items():
-    wl = {t: int(w) for t, w in wl.items() if w > 0}
-    jobs = [Job(t, w, seed=i) for i, (t, w) in enumerate(sorted(wl.items()))]
-    alloc = {k: rule(model, wl) for k, rule in SHARE_RULES.items()}
-    with open_backend(backend, jobs) as r:
-      r.run(alloc["equal"])  # warm-up: first calls fill dispatch caches
-      runs = {k: [] for k in alloc}
-      for _ in range(repeats):  # interleaved, so that drift hits both policies alike
-        for k, a in alloc.items():
-          runs[k].append(r.run(a).makespan_s)
-      meas = {k: float(np.median(v)) for k, v in runs.items()}
-      solo_meas = sum(w * r.solo_step_s[t] for t, w in wl.items())
-    pred = {k: model.predict(wl, a).makespan_s for k, a in alloc.items()}
-    solo_pred = sum(w * model.solo_step_s[t] for t, w in wl.items())
-    # Compared relative to each side's own sequential time: the correction is the sharing
-    # efficiency the model got wrong, not a drift of the solo step times since calibration.
-    factors[key] = {k: round((meas[k] / solo_meas) / (pred[k] / solo_pred), 4) for k in alloc}
-    detail[key] = {"workloads": wl, "measured_makespan_s": {k: round(v, 4) for k, v in meas.items()},
-                   "measured_runs_s": {k: [round(x, 4) for x in v] for k, v in runs.items()},
-                   "predicted_makespan_s": {k: round(v, 4) for k, v in pred.items()},
-                   "sequential_s": {"measured": round(solo_meas, 4), "predicted": round(solo_pred, 4)},
-                   "model_error": {k: round(1 / factors[key][k] - 1, 4) for k in alloc},
-                   "competitive_vs_equal_measured": round(meas["equal"] / meas["competitive"], 4),
-                   "competitive_vs_equal_predicted": round(pred["equal"] / pred["competitive"], 4)}
-    log(f"    mix {key}: measured equal/competitive {meas['equal']:.3f}/{meas['competitive']:.3f}s, "
-        f"model {pred['equal']:.3f}/{pred['competitive']:.3f}s")
-  return MixCorrections(factors, backend, detail)
-
-
 def transfer_time(model_bytes: Mapping[str, float], tasks, bandwidth: float) -> float:
   """Download plus upload of each trained model."""
   return sum(2 * model_bytes[t] for t in tasks) / bandwidth
+
+
+@dataclasses.dataclass(frozen=True)
+class Clock:
+  """A federation's virtual clock: the intra-device model of its task mix (with measured
+  corrections where there are some), each client's device (``speed``, ``bandwidth`` in
+  bytes/s) and each task's model size. Pure: the same inputs give the same times.
+
+  Example::
+
+      clock = Clock(model, fleet.speed, fleet.bandwidth, {"digits_mlp": 4.4e4})
+      clock.compute_s(3, {"digits_mlp": 12}, "equal")   # (seconds, measured?)
+  """
+  model: VRModel
+  speed: np.ndarray
+  bandwidth: np.ndarray
+  model_bytes: Mapping[str, float]
+  corrections: MixCorrections | None = None
+
+  def compute_s(self, client: int, workloads: Mapping[str, int], shares: str) -> tuple[float, bool]:
+    """Seconds of client ``client`` to run ``workloads`` under the ``shares`` rule, and
+    whether a measured co-run corrected the model's number."""
+    return client_compute_time(self.model, workloads, shares, float(self.speed[client]), self.corrections,
+                               with_source=True)
+
+  def transfer_s(self, client: int, tasks) -> float:
+    """Seconds of client ``client`` to download and upload the models of ``tasks``."""
+    return transfer_time(self.model_bytes, tasks, float(self.bandwidth[client]))
+
+  def inputs_json(self) -> dict:
+    """The measured inputs (virtual-resource model, corrections) as JSON: what a run keeps so
+    that a resumed or joined process uses the same clock."""
+    return inputs_json(self.model, self.corrections)
+
+
+def inputs_json(model: VRModel, corrections: MixCorrections | None) -> dict:
+  """``{"vr_model", "corrections"}`` as JSON values (floats survive a JSON round trip bit for bit)."""
+  return json.loads(json.dumps({"vr_model": model.to_json(),
+                                "corrections": None if corrections is None else corrections.to_json()}, default=float))
+
+
+def inputs_from_json(doc: Mapping) -> tuple[VRModel, MixCorrections | None]:
+  """The inverse of :func:`inputs_json`."""
+  corr = doc.get("corrections")
+  return VRModel.from_json(doc["vr_model"]), None if corr is None else MixCorrections.from_json(corr)

@@ -1,7 +1,7 @@
 """Several devices and processes for the sharded simulator, on JAX's own machinery.
 
 * :func:`use_cpu_devices` makes JAX see ``n`` CPU devices (``jax_num_cpu_devices``), so
-  that the ``clients`` mesh of :mod:`mtfl_jax.federated.sharded` has ``n`` devices on a CPU.
+  that the ``clients`` mesh of :mod:`mtfl_jax.federated.executors.batched` has ``n`` devices on a CPU.
 * :func:`initialize` joins a multi-process run (``jax.distributed.initialize``; CPU
   collectives over gloo, GPU over NCCL), with bounded waits and errors that say what to do.
 * :func:`launch_local` starts ``N`` local processes of a ``python -m mtfl_jax`` command joined

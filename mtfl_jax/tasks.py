@@ -158,6 +158,9 @@ class Task:
   alt_datasets: tuple[str, ...] = ()
   # whether ``optimizer`` was built here from learning_rate/momentum (replace() rebuilds it)
   _sgd: bool = dataclasses.field(default=False, init=False, repr=False)
+  # Compiled programs and other derived values of this task (see :meth:`memo`): they live and
+  # die with the task, and a replaced task (a new value) starts with none.
+  _memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   def __post_init__(self):
     def bad(why):
@@ -292,6 +295,13 @@ class Task:
                        f"shape {getattr(loss, 'shape', type(loss).__name__)} (take the mean)")
     _CHECKED.add(self)
     return self
+
+  def memo(self, key, make: Callable[[], Any]) -> Any:
+    """``make()``, computed once per task and ``key`` and kept on the task (jitted steps,
+    client programs, evaluation functions): a cache that lives as long as the task."""
+    if key not in self._memo:
+      self._memo[key] = make()
+    return self._memo[key]
 
   def replace(self, **changes: Any) -> "Task":
     """A copy with ``changes`` (a new task: its own caches). ``dataset=`` switches to one of

@@ -78,7 +78,7 @@ def step_rngs(task: Task, state: TrainState) -> dict | None:
   return {s: jax.random.fold_in(key, i) for i, s in enumerate(task.rngs)}
 
 
-def _loss_and_metrics(task: Task, params, batch: Batch, state: TrainState | None = None):
+def loss_and_metrics(task: Task, params, batch: Batch, state: TrainState | None = None):
   """``(loss, (metrics, model_state))`` of one batch; ``state`` gives the model's mutable
   collections and the step's rngs (None: a model without either)."""
   model_state = {} if state is None else state.model_state
@@ -101,7 +101,7 @@ def make_train_step(task: Task | str) -> Callable[[TrainState, Batch], tuple[Tra
 
   def train_step(state: TrainState, batch: Batch):
     grads, (metrics, model_state) = jax.grad(
-        functools.partial(_loss_and_metrics, task), has_aux=True)(state.params, batch, state)
+        functools.partial(loss_and_metrics, task), has_aux=True)(state.params, batch, state)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          opt_state=opt_state, model_state=model_state), metrics
@@ -127,14 +127,11 @@ def _local_update(step_fn, num_steps: int, mode: str):
 # unrolled step, but a few unrolled steps compile quickly and XLA CPU runs them fastest.
 UNROLL_MAX = 8
 
-# (task, num_steps, platform) -> "unroll" | "scan", measured once per process.
-_MODE_CACHE: dict[tuple, str] = {}
-
 
 def choose_local_mode(task: Task, num_steps: int, repeats: int = 3, measure: bool = True) -> str:
   """How to run ``num_steps`` local steps in one program: "unroll" or "scan".
 
-  With ``measure`` (cached per process): both are run on this device and the faster wins.
+  With ``measure`` (kept on the task): both are run on this device and the faster wins.
   Without, the rule every caller shares: unroll up to :data:`UNROLL_MAX` steps, and any
   number of steps of a task with convolutions (XLA CPU runs scanned convolution steps 4-25x
   slower than unrolled ones, measured here); scan the rest.
@@ -142,23 +139,25 @@ def choose_local_mode(task: Task, num_steps: int, repeats: int = 3, measure: boo
   task = get_task(task)
   if not measure:
     return "unroll" if num_steps <= UNROLL_MAX or has_convolution(task) else "scan"
-  key = (task, num_steps, jax.default_backend())
-  if key not in _MODE_CACHE:
-    state = init_state(task, 0)
-    batches = synthetic_batches(task, num_steps)
+  return task.memo(("local_mode", num_steps, repeats, jax.default_backend()),
+                   lambda: _measure_local_mode(task, num_steps, repeats))
 
-    fns = {m: jax.jit(_local_update(make_train_step(task), num_steps, m)) for m in ("unroll", "scan")}
 
-    def timed(mode, n, warmup=1):  # the first call compiles
-      return min(time_calls(lambda: fns[mode](state, batches), repeats=n, warmup=warmup))
+def _measure_local_mode(task: Task, num_steps: int, repeats: int) -> str:
+  state = init_state(task, 0)
+  batches = synthetic_batches(task, num_steps)
 
-    unroll = timed("unroll", repeats)
-    scan = timed("scan", 1)
-    # one scan run that is already 1.5x slower settles it (a slow scan of a CNN can cost seconds)
-    if scan < 1.5 * unroll and repeats > 1:
-      scan = min(scan, timed("scan", repeats - 1, warmup=0))
-    _MODE_CACHE[key] = "scan" if scan < unroll else "unroll"
-  return _MODE_CACHE[key]
+  fns = {m: jax.jit(_local_update(make_train_step(task), num_steps, m)) for m in ("unroll", "scan")}
+
+  def timed(mode, n, warmup=1):  # the first call compiles
+    return min(time_calls(lambda: fns[mode](state, batches), repeats=n, warmup=warmup))
+
+  unroll = timed("unroll", repeats)
+  scan = timed("scan", 1)
+  # one scan run that is already 1.5x slower settles it (a slow scan of a CNN can cost seconds)
+  if scan < 1.5 * unroll and repeats > 1:
+    scan = min(scan, timed("scan", repeats - 1, warmup=0))
+  return "scan" if scan < unroll else "unroll"
 
 
 def make_local_update(task: Task, num_steps: int, mode: str = "auto"):
@@ -175,10 +174,13 @@ def make_local_update(task: Task, num_steps: int, mode: str = "auto"):
   return jax.jit(_local_update(make_train_step(task), num_steps, mode))
 
 
-@functools.lru_cache(maxsize=None)
 def has_convolution(task: Task) -> bool:
-  """Whether a train step of ``task`` contains a convolution (read off its jaxpr)."""
+  """Whether a train step of ``task`` contains a convolution (read off its jaxpr; kept on the task)."""
   task = get_task(task)
+  return task.memo("has_convolution", lambda: _has_convolution(task))
+
+
+def _has_convolution(task: Task) -> bool:
   batch = jax.tree.map(lambda b: b[0], synthetic_batches(task, 1))
   state = jax.eval_shape(lambda: init_state(task))  # shapes only: an eager init compiles each op
   return "conv_general_dilated" in str(jax.make_jaxpr(make_train_step(task))(state, batch))
@@ -221,8 +223,11 @@ def workload_steps(num_samples: int, batch_size: int, epochs: float) -> int:
 
 
 # --------------------------------------------------------------------------- evaluation
-@functools.lru_cache(maxsize=None)
 def _eval_fn(task: Task):
+  return task.memo("eval_fn", lambda: _make_eval_fn(task))
+
+
+def _make_eval_fn(task: Task):
   counts = task.eval_metrics.counts
 
   @jax.jit

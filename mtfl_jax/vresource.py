@@ -91,7 +91,8 @@ class VRModel:
     """From :meth:`to_json`'s dict (other fields are ignored); the three maps must name the
     same tasks."""
     maps = {k: {str(n): float(v) for n, v in doc[k].items()} for k in ("solo_step_s", "demand", "fitted_rates")}
-    if not maps["solo_step_s"] or len({frozenset(m) for m in maps.values()}) != 1:
+    named = [m for k, m in maps.items() if m or k != "fitted_rates"]  # fitted rates are a record: may be empty
+    if not maps["solo_step_s"] or len({frozenset(m) for m in named}) != 1:
       raise ValueError("a virtual-resource model needs solo_step_s, demand and fitted_rates over the same "
                        f"tasks; got {({k: sorted(m) for k, m in maps.items()})}")
     return cls(**maps)

@@ -15,8 +15,10 @@ import optax
 import pytest
 
 import mtfl_jax as mt
-from mtfl_jax.federated import (POLICIES, ClientWork, FedConfig, FedPolicy, build_federation, client_seed,
-                                init_server, run_clients, run_federated)
+from mtfl_jax.federated import (POLICIES, ClientWork, FedConfig, Policy, RoundPlan, build_federation, client_plan,
+                                client_seed, fedavg_program, run_federated)
+from mtfl_jax.federated.executors import BatchedExecutor, LoopExecutor, client_mesh
+from mtfl_jax.train import init_variables
 from mtfl_jax.vresource import VRModel
 
 
@@ -65,22 +67,24 @@ def run(cfg, **kw):
 
 
 def test_config_keeps_names_and_the_task_values():
-  assert CFG.tasks == ("fed_dropbn", "fed_linear") and CFG.task("fed_dropbn") is DROPBN
+  assert CFG.tasks == ("fed_dropbn", "fed_linear") and CFG.task_defs == (DROPBN, LINEAR)
   assert CFG.to_json()["tasks"] == ["fed_dropbn", "fed_linear"]
   again = dataclasses.replace(CFG, policy="full")  # unregistered tasks travel along
-  assert again.task("fed_linear") is LINEAR
+  assert again.task_defs[1] is LINEAR
+  fed = build_federation(again)  # resolved once into the federation's tasks
+  assert [ft.task for ft in fed.tasks] == [DROPBN, LINEAR]
   with pytest.raises(ValueError, match="unknown task 'fed_linear'"):
     FedConfig(tasks=("fed_linear",))  # a name alone resolves only registered tasks
 
 
-@pytest.mark.parametrize("policy", ["none", "intra", "deadline", "full"])
+@pytest.mark.parametrize("policy", ["none", "intra", "deadline", "overselect", "full", "fedbuff"])
 def test_every_policy_trains_a_user_task_with_dropout_and_batchnorm(policy):
-  res = run(dataclasses.replace(CFG, policy=policy))
+  res = run(dataclasses.replace(CFG, policy=policy, rounds=3))
   acc = res.final_accuracy()
   assert set(acc) == {"fed_dropbn", "fed_linear"}
   for t, a in acc.items():
     assert np.isfinite(a) and a > 0.6, (policy, t, a)  # chance is 1/3
-  start = init_server(CFG).model_state["fed_dropbn"]
+  start = init_variables(DROPBN, CFG.seed)[1]
   moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                        res.state.model_state["fed_dropbn"], start)
   assert min(jax.tree.leaves(moved)) > 0  # the global BatchNorm statistics were aggregated
@@ -91,41 +95,46 @@ def test_every_policy_trains_a_user_task_with_dropout_and_batchnorm(policy):
   assert mt.evaluate(DROPBN, st.params)["loss"] != with_stats["loss"]
 
 
+def _one_by_one(ex, bc, works):
+  """Each client alone (weight 1): its own delta and model_state, not through the weighted sum."""
+  one = {"delta": np.ones(1), "model_state": np.ones(1)}
+  return [ex.run(bc, [w], one).sums for w in works]
+
+
 def test_a_round_averages_params_and_model_state_by_samples_and_simulators_agree():
   cfg = dataclasses.replace(CFG, rounds=1, clients_per_round=6, tasks=(DROPBN,))
   fed = build_federation(cfg)
   res = run(cfg, fed=fed)
-  start = init_server(cfg).models["fed_dropbn"]
-  works = [ClientWork(c, fed.shards["fed_dropbn"][c], fed.workloads(c)["fed_dropbn"], client_seed(3, 0, 0, c))
-           for c in range(6)]
-  ds = fed.datasets["fed_dropbn"]
-  loop = run_clients(DROPBN, ds, start.params, works, "loop", start.model_state)
-  vmap = run_clients(DROPBN, ds, start.params, works, "vmap", start.model_state)
+  params, model_state = init_variables(DROPBN, cfg.seed)
+  bc = {"params": params, "model_state": model_state}
+  ft = fed.tasks[0]
+  works = [ClientWork(c, ft.shards[c], fed.workloads(c)["fed_dropbn"], client_seed(3, 0, 0, c)) for c in range(6)]
+  prog = fedavg_program(DROPBN)
+  loop = _one_by_one(LoopExecutor(ft, prog), bc, works)
+  vmap = _one_by_one(BatchedExecutor(ft, prog, client_mesh(1), inner="vmap"), bc, works)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-  jax.tree.map(close, loop.deltas, vmap.deltas)  # same dropout masks, same statistics
-  jax.tree.map(close, loop.model_states, vmap.model_states)
-  # by hand, one client at a time in numpy: weights are the clients' sample counts
+  for a, b in zip(loop, vmap):  # same dropout masks, same statistics
+    jax.tree.map(close, a, b)
+  # by hand, in numpy: weights are the clients' sample counts
   n = np.array([len(w.indices) for w in works], np.float64)
-  mean = lambda stacked: sum(n[i] * np.asarray(stacked[i], np.float64) for i in range(6)) / n.sum()
-  want_p = jax.tree.map(lambda p, d: np.asarray(p) + mean(d), start.params, loop.deltas)
-  want_s = jax.tree.map(mean, loop.model_states)
+  mean = lambda *per: sum(n[i] * np.asarray(per[i], np.float64) for i in range(6)) / n.sum()
+  want_p = jax.tree.map(lambda p, *d: np.asarray(p) + mean(*d), params, *[x["delta"] for x in loop])
+  want_s = jax.tree.map(mean, *[x["model_state"] for x in loop])
   got = res.state.models["fed_dropbn"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.params, want_p)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.model_state, want_s)
   # dropout draws differ between clients: two clients on the same shard do not agree
   twin = [dataclasses.replace(works[0], client=9, seed=works[0].seed + 1)]
-  other = run_clients(DROPBN, ds, start.params, twin, "loop", start.model_state)
-  assert not np.allclose(jax.tree.leaves(other.deltas)[0][0], jax.tree.leaves(loop.deltas)[0][0])
+  other = _one_by_one(LoopExecutor(ft, prog), bc, twin)[0]
+  assert not np.allclose(jax.tree.leaves(other["delta"])[0], jax.tree.leaves(loop[0]["delta"])[0])
 
 
 def test_a_policy_of_your_own(monkeypatch):
-  def half_epochs(fed, model, plan, clock):
-    for c, p in plan.items():
-      p["workloads"] = fed.workloads(c, fed.cfg.local_epochs / 2)
-      p["compute_s"], p["measured"] = clock(p["workloads"], c)
-    return None
+  def half_epochs(fed, clock, sampled):
+    return RoundPlan(tuple(client_plan(fed, clock, c, "equal", fed.workloads(c, fed.cfg.local_epochs / 2))
+                           for c in sampled), "equal")
 
-  monkeypatch.setitem(POLICIES, "half", FedPolicy("half", "equal", half_epochs))
+  monkeypatch.setitem(POLICIES, "half", Policy("half", half_epochs))
   cfg = dataclasses.replace(CFG, policy="half")
   half, none = run(cfg), run(dataclasses.replace(CFG, policy="none"))
   fed = build_federation(cfg)
@@ -133,8 +142,13 @@ def test_a_policy_of_your_own(monkeypatch):
     assert h["workloads"] == {str(c): fed.workloads(c, 0.5) for c in h["sampled"]}
   assert half.virtual_time_s < none.virtual_time_s
   assert all(a > 0.6 for a in half.final_accuracy().values())
-  with pytest.raises(ValueError, match="shares must be one of equal, competitive"):
-    FedPolicy("bad", "fastest")
+  with pytest.raises(ValueError, match="aggregator must be one of"):
+    Policy("bad", half_epochs, aggregator="median")
+  bad = lambda fed, clock, sampled: RoundPlan(tuple(client_plan(fed, clock, c, "equal") for c in sampled[:-1]),
+                                              "equal")
+  monkeypatch.setitem(POLICIES, "bad", Policy("bad", bad))
+  with pytest.raises(ValueError, match="the plan must keep the sampled clients"):
+    run(dataclasses.replace(CFG, policy="bad"))
 
 
 def test_user_task_killed_mid_round_resumes_to_the_same_numbers(tmp_path):

@@ -38,7 +38,7 @@ def _python(script: str, timeout: int = 300) -> dict:
 
 
 # =========================================================================== on 3 CPU devices
-# ShardedClients against the single-device loop simulator on meshes of 1, 2 and 3 of the 3
+# The batched executor against the single-device loop executor on meshes of 1, 2 and 3 of the 3
 # devices (5 clients: 3 devices pad), and run_federated with simulator="sharded" on 2 devices
 # against simulator="loop" (counting compilations per round).
 ON_DEVICES = r'''
@@ -55,10 +55,10 @@ import optax
 from jax import monitoring
 
 import mtfl_jax as mt
-from mtfl_jax.federated import (ClientWork, FedConfig, accumulation_norm, aggregate, average_model_state,
-                                build_federation, client_seed, fed_avg, fed_nova_nominal, init_server,
-                                run_clients, run_federated)
-from mtfl_jax.federated.sharded import ShardedClients, client_mesh
+from mtfl_jax.federated import (Callback, ClientWork, FedConfig, FedTask, accumulation_norm, build_federation,
+                                client_seed, fedavg_program, make_algorithm, run_federated)
+from mtfl_jax.federated.executors import BatchedExecutor, LoopExecutor, client_mesh
+from mtfl_jax.train import init_variables
 from mtfl_jax.vresource import VRModel
 
 backend_compiles = []
@@ -68,40 +68,68 @@ monitoring.register_event_duration_secs_listener(
 
 
 def rel_err(got, want):
-  """max |got - want| over all leaves, relative to max |want|."""
+  # max |got - want| over all leaves, relative to max |want|
   got, want = jax.tree.leaves(got), jax.tree.leaves(want)
   assert len(got) == len(want) > 0
   num = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) for a, b in zip(got, want))
   return num / max(max(float(np.max(np.abs(np.asarray(b, np.float64)))) for b in want), 1e-30)
 
 
-def compare(task, ds, glob, works, devices, per_device=None):
+def one_by_one(ft, bc, works):
+  # the reference: every client alone in the loop executor (weight 1), combined by hand in float64
+  ex = LoopExecutor(ft, fedavg_program(ft.task))
+  return [ex.run(bc, [w], {"delta": np.ones(1), "model_state": np.ones(1)}).sums for w in works]
+
+
+def weighted(per, key, w):
+  return jax.tree.map(lambda *a: sum(wi * np.asarray(x, np.float64) for wi, x in zip(w, a)), *[x[key] for x in per])
+
+
+def poisoned(ft, client):
+  # the same task with one more training sample of huge values, which only ``client`` trains
+  # on: its update overflows to inf/NaN in the real program (no test hook in the package)
+  ds = ft.data
+  x = np.concatenate([ds.x_train, np.full((1,) + ds.x_train.shape[1:], 3e38, np.float32)])
+  y = np.concatenate([ds.y_train, ds.y_train[:1]])
+  bad = mt.Dataset(ds.name + "_poisoned", x, y, ds.x_test, ds.y_test, ds.num_classes)
+  shards = list(ft.shards)
+  shards[client] = np.array([len(x) - 1])
+  return FedTask(ft.task, ft.index, bad, tuple(shards), ft.model_bytes)
+
+
+def compare(ft, bc, works, devices, per_device=None):
+  task = ft.task
   n, steps = [len(w.indices) for w in works], [w.steps for w in works]
   nominal = [s + 2 * (i % 2) for i, s in enumerate(steps)]  # the coordinator cut some clients' work
-  ref = run_clients(task, ds, glob.params, works, "loop", glob.model_state)
-  sim = ShardedClients(task, ds, client_mesh(devices), per_device=per_device)
+  per = one_by_one(ft, bc, works)
+  sim = BatchedExecutor(ft, fedavg_program(task), client_mesh(devices), per_device=per_device)
   out = {"devices": sim.devices, "inner": sim.inner, "k": sim.chunk_size(len(works)), "per_device": per_device}
-  got = sim.run(glob.params, glob.model_state, works, fed_avg(optax.sgd(1.0)).weights(n, steps))
-  out["fedavg"] = rel_err(got.delta, aggregate(ref.deltas, n))
-  out["clients"] = got.clients
-  if jax.tree.leaves(glob.model_state):
-    out["model_state"] = rel_err(got.model_state, average_model_state(ref.model_states, n))
-    out["model_state_moved"] = rel_err(got.model_state, glob.model_state)
+  w = make_algorithm(task, "fedavg").weights(n, steps, nominal)
+  got = sim.run(bc, works, w)
+  p = np.asarray(n, np.float64) / sum(n)
+  out["fedavg"] = rel_err(got.sums["delta"], weighted(per, "delta", p))
+  out["clients"] = list(got.clients)
+  if jax.tree.leaves(bc["model_state"]):
+    out["model_state"] = rel_err(got.sums["model_state"], weighted(per, "model_state", p))
+    out["model_state_moved"] = rel_err(got.sums["model_state"], bc["model_state"])
   rho = task.momentum or 0.0
-  p = fed_nova_nominal(optax.sgd(1.0), rho).weights(n, steps, nominal)
-  got = sim.run(glob.params, glob.model_state, works, p, q=np.asarray(n, np.float32) / sum(n))
-  out["fednova"] = rel_err(got.delta, aggregate(ref.deltas, n, [accumulation_norm(s, rho) for s in steps],
-                                                 [accumulation_norm(s, rho) for s in nominal]))
-  out["fednova_vs_fedavg"] = rel_err(got.delta, aggregate(ref.deltas, n))  # the weights matter
-  got = sim.run(glob.params, glob.model_state, works, p, poison=[w.client == works[2].client for w in works])
-  out["finite"] = {str(c): v for c, v in got.finite.items()}
+  wn = make_algorithm(task, "fednova_nominal").weights(n, steps, nominal)
+  got = sim.run(bc, works, wn)
+  a = np.array([accumulation_norm(s, rho) for s in steps])
+  a_nom = np.array([accumulation_norm(s, rho) for s in nominal])
+  out["fednova"] = rel_err(got.sums["delta"], weighted(per, "delta", p * a_nom / a))
+  out["fednova_vs_fedavg"] = rel_err(got.sums["delta"], weighted(per, "delta", p))  # the weights matter
+  bad = poisoned(ft, works[2].client)
+  got = BatchedExecutor(bad, fedavg_program(task), client_mesh(devices), per_device=per_device).run(
+      bc, [dataclasses.replace(wk, indices=bad.shards[wk.client]) for wk in works], w)
+  out["finite"] = {str(c): bool(v) for c, v in zip(got.clients, got.finite)}
   out["poisoned"] = works[2].client
-  out["delta_finite"] = bool(all(np.isfinite(x).all() for x in jax.tree.leaves(got.delta)))
+  out["delta_finite"] = bool(all(np.isfinite(x).all() for x in jax.tree.leaves(got.sums["delta"])))
   return out
 
 
-def works_of(cfg, fed, t, steps):
-  return [ClientWork(c, fed.shards[t][c], s, client_seed(cfg.seed, 0, 0, c)) for c, s in enumerate(steps)]
+def works_of(cfg, ft, steps):
+  return [ClientWork(c, ft.shards[c], s, client_seed(cfg.seed, 0, 0, c)) for c, s in enumerate(steps)]
 
 
 class BNNet(nn.Module):
@@ -125,18 +153,32 @@ res = {"devices": len(jax.devices()), "cases": [], "federated": {}}
 for t, steps, meshes in (("digits_mlp", [3, 5, 1, 7, 4], (1, 2, 3)), ("mnist_lenet", [2, 3, 1, 2, 3], (1, 3)),
                          (BN, [3, 1, 4, 2, 3], (3,))):
   cfg = FedConfig(tasks=(t,), num_clients=5, clients_per_round=5, alpha=1.0, seed=4)
-  name = cfg.tasks[0]
   fed = build_federation(cfg)
-  glob = init_server(cfg).models[name]
-  works = works_of(cfg, fed, name, steps)
+  ft = fed.tasks[0]
+  params, model_state = init_variables(ft.task, cfg.seed)
+  bc = {"params": params, "model_state": model_state}
+  works = works_of(cfg, ft, steps)
   for d in meshes:
-    res["cases"].append({"task": name, **compare(cfg.task(name), fed.datasets[name], glob, works, d)})
-  if name in ("digits_mlp", "mnist_lenet"):  # streamed in chunks of one client per device, the last one padded
-    res["cases"].append({"task": name, **compare(cfg.task(name), fed.datasets[name], glob, works, 2 if name == "digits_mlp" else 3, 1)})
+    res["cases"].append({"task": ft.name, **compare(ft, bc, works, d)})
+  if ft.name in ("digits_mlp", "mnist_lenet"):  # streamed in chunks of one client per device, the last one padded
+    res["cases"].append({"task": ft.name, **compare(ft, bc, works, 2 if ft.name == "digits_mlp" else 3, 1)})
 
 MODEL = VRModel({"digits_mlp": 2e-4, "mnist_lenet": 4e-3}, {"digits_mlp": 0.4, "mnist_lenet": 0.8},
                 {"digits_mlp": 1.0, "mnist_lenet": 1.0})
 FLAT = lambda models: {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(models)}
+
+
+class Record(Callback):
+  # after each round: XLA compilations so far, and each task executor's mesh and chunk size
+  def __init__(self):
+    self.after, self.mesh = {}, {}
+
+  def after_round(self, run, row):
+    self.after[row["round"]] = {"backend_compiles": len(backend_compiles)}
+    self.mesh = {rt.name: [getattr(rt.executor, "devices", 1), getattr(rt.executor, "k", None)]
+                 for rt in run.runtimes}
+
+
 for policy, cfg in (
     ("none", FedConfig(tasks=("digits_mlp", "mnist_lenet"), num_clients=5, clients_per_round=4, rounds=2,
                        local_epochs=0.25, alpha=1.0, seed=3, policy="none")),
@@ -147,23 +189,17 @@ for policy, cfg in (
   runs = {}
   for sim in ("loop", "sharded"):
     c = dataclasses.replace(cfg, simulator=sim, devices=2 if sim == "sharded" else None)
-    fed = build_federation(c)
-    after = {}
-
-    def cb(event, rnd, fed=fed, after=after):
-      if event == "round_end":
-        after[rnd] = {"backend_compiles": len(backend_compiles),
-                      "programs": {t: s.compiles for t, s in fed.sharded.items()}}
-    r = run_federated(c, MODEL, fed=fed, progress=False, callback=cb)
-    runs[sim] = {"params": FLAT(r.state.models), "history": r.history, "after": after,
-                 "mesh": {t: [s.devices, s.chunk_size(cfg.clients_per_round)] for t, s in fed.sharded.items()}}
+    rec = Record()
+    r = run_federated(c, MODEL, progress=False, callbacks=[rec])
+    runs[sim] = {"params": FLAT(r.state.models), "history": r.history, "after": rec.after, "mesh": rec.mesh}
   loop, shd = runs["loop"], runs["sharded"]
-  start = FLAT(init_server(cfg).models)
-  assert loop["params"].keys() == shd["params"].keys() == start.keys()
+  start = FLAT({ft.name: make_algorithm(ft.task).init(*init_variables(ft.task, cfg.seed + ft.index))
+                for ft in build_federation(cfg).tasks})
   strip = lambda h: [{k: v for k, v in row.items() if k != "accuracy"} for row in h]
+  assert loop["params"].keys() == shd["params"].keys() == start.keys()
   res["federated"][policy] = {
       "rel_err": {k: rel_err(shd["params"][k], v) for k, v in loop["params"].items()},
-      "moved": {k: float(np.max(np.abs(v - start[k]))) for k, v in loop["params"].items()},
+      "moved": {k: float(np.max(np.abs(v - start[k]))) for k, v in loop["params"].items() if ".params" in k},
       "same_history": strip(loop["history"]) == strip(shd["history"]),
       "accuracy": [[h.get("accuracy") for h in runs[s]["history"]] for s in ("loop", "sharded")],
       "largest_workload": [{t: max(w[t] for w in h["workloads"].values()) for t in cfg.tasks}
@@ -223,11 +259,9 @@ def test_run_federated_sharded_on_2_devices_equals_loop(on_devices, policy):
     assert set(f["mesh"]) == {"digits_mlp", "mnist_lenet"}
 
 
-def test_later_rounds_build_no_sharded_programs(on_devices):
+def test_the_chunk_shape_is_the_same_every_round(on_devices):
   f = on_devices["federated"]["full"]
   assert f["failures"] == [[]] * 4 and f["mesh"]["digits_mlp"] == [2, 4]  # same chunk shape every round
-  programs = [f["after"][str(r)]["programs"]["digits_mlp"] for r in range(4)]
-  assert programs == [5, 5, 5, 5]  # zeros, init, step, final and reduce, built in round 0 only
 
 
 def test_rounds_within_a_step_bucket_compile_nothing(on_devices):
@@ -261,8 +295,7 @@ def _checkpoint(workdir: Path, step: int):
   import orbax.checkpoint as ocp
   opts = ocp.CheckpointManagerOptions(read_only=True)
   with ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=opts) as mgr:
-    r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore(),
-                                                  clock=ocp.args.JsonRestore()))
+    r = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()))
   params = {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_leaves_with_path(r.state["models"])}
   return params, list(r.history)
@@ -456,7 +489,7 @@ def test_join_failures_end_in_one_line_within_the_timeout(tmp_path):
 
 def test_more_devices_than_jax_sees_is_a_one_line_error(tmp_path, capsys):
   from mtfl_jax.federated import FedConfig, run_federated
-  from mtfl_jax.federated.sharded import client_mesh
+  from mtfl_jax.federated.executors import client_mesh
   from mtfl_jax.vresource import VRModel
   have = len(jax.devices())  # this process's backend has started: its device count is fixed
   with pytest.raises(ValueError, match=rf"asked for {have + 1} devices but JAX sees {have} .*"
@@ -534,7 +567,7 @@ def test_bad_process_flags_are_one_line_errors_before_any_work(tmp_path, capsys,
 
 
 def test_a_rerun_names_the_settings_that_differ_and_may_change_devices_and_rounds():
-  from mtfl_jax.federated.driver import config_differences
+  from mtfl_jax.federated.callbacks import config_differences
   saved = {"tasks": ["digits_mlp"], "seed": 0, "rounds": 2, "devices": 2}
   assert config_differences(saved, {**saved, "rounds": 5, "devices": None}) == ""
   assert config_differences(saved, {**saved, "seed": 1}) == "seed: 0 -> 1"

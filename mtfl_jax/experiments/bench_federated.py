@@ -29,17 +29,15 @@ from typing import Sequence
 
 import numpy as np
 
-from mtfl_jax.calibration import load_or_calibrate, read_store, store_path, write_store
-from mtfl_jax.clock import MixCorrections, measure_corrections, representative_mixes
+from mtfl_jax.calibration import load_or_calibrate, load_or_measure_corrections
 from mtfl_jax.experiments.paper import PAPER, fl_gain_text
 from mtfl_jax.experiments.scenarios import FED_SCENARIOS, FedScenario
-from mtfl_jax.federated import (ClientWork, FedConfig, build_federation, choose_mode, init_server, run_clients,
-                                run_federated)
+from mtfl_jax.federated import ClientWork, FedConfig, build_federation, fedavg_program, run_federated
+from mtfl_jax.federated.executors import AutoExecutor, LoopExecutor
 from mtfl_jax.profiling import device_name
 from mtfl_jax.results import write_json
-from mtfl_jax.tasks import get_task
 from mtfl_jax.timing import time_calls
-from mtfl_jax.vresource import VRModel
+from mtfl_jax.train import init_variables
 
 POLICY_ORDER = ("none", "deadline", "intra", "full")
 ROUND_CAP_FACTOR = 4  # faster policies may run up to this many times none's rounds
@@ -48,45 +46,25 @@ TARGET_FRACTION = 0.9  # time to target: 90% of none's accuracy at the budget
 
 # --------------------------------------------------------------------------- simulator speed
 def bench_simulator(task: str, clients: int = 32, steps: int = 5, repeats: int = 3) -> dict:
-  """Steady-state wall time of one round's client work: per-client loop vs ``auto``'s choice
-  (decided by measurement first, as a federated run does)."""
+  """Steady-state wall time of one round's client work: the per-client loop executor vs
+  ``auto``'s choice (decided by measurement first, as a federated run does)."""
   cfg = FedConfig(tasks=(task,), num_clients=clients, clients_per_round=clients, alpha=None)
   fed = build_federation(cfg)
-  t, ds = get_task(task), fed.datasets[task]
-  params = init_server(cfg).params[task]
-  works = [ClientWork(c, fed.shards[task][c], steps, c) for c in range(clients)]
+  ft = fed.tasks[0]
+  program = fedavg_program(ft.task)
+  params, model_state = init_variables(ft.task, 0)
+  bc = {"params": params, "model_state": model_state}
+  works = [ClientWork(c, ft.shards[c], steps, c) for c in range(clients)]
+  n = np.array([len(w.indices) for w in works], np.float32)
+  weights = {"delta": n / n.sum(), "model_state": n / n.sum()}
+  loop, auto = LoopExecutor(ft, program), AutoExecutor(ft, program, clients_hint=clients)
   t0 = time.perf_counter()
-  mode = choose_mode(t, ds, params, works)
+  auto.run(bc, works, weights)
   decide_s = time.perf_counter() - t0
-
-  loop_s, auto_s = (min(time_calls(lambda m=m: run_clients(t, ds, params, works, m).deltas, repeats))
-                    for m in ("loop", mode))
-  return {"task": task, "clients": clients, "local_steps": steps, "auto_mode": mode,
+  loop_s, auto_s = (min(time_calls(lambda ex=ex: ex.run(bc, works, weights).sums, repeats)) for ex in (loop, auto))
+  return {"task": task, "clients": clients, "local_steps": steps, "auto_mode": auto.choice,
           "loop_s": round(loop_s, 5), "auto_s": round(auto_s, 5), "speedup": round(loop_s / auto_s, 2),
           "auto_decision_s": round(decide_s, 2)}
-
-
-def load_or_measure_corrections(tasks: Sequence[str], model: VRModel, workload_vectors, path: str | Path | None = None,
-                                max_mixes: int = 3, log=print) -> tuple[MixCorrections, str]:
-  """Measured corrections for the ``max_mixes`` most frequent client mixes among
-  ``workload_vectors`` (:func:`mtfl_jax.clock.representative_mixes`), from the store where
-  recorded, else measured now on ``threads`` and added to it."""
-  path = Path(path or store_path())
-  key = ",".join(tasks)
-  store = read_store(path)
-  known = store.setdefault("corrections", {}).get(key, {"factors": {}, "backend": "threads", "detail": {}})
-  mixes = representative_mixes(workload_vectors, model.solo_step_s, max_mixes=max_mixes)
-  todo = {k: v for k, v in mixes.items() if k not in known["factors"]}
-  if todo:
-    log(f"  measuring {len(todo)} client mix(es) of {key} under equal and competitive shares on 'threads'")
-    new = measure_corrections(model, todo, "threads", log=log)
-    known["factors"].update(new.factors)
-    known["detail"].update(new.detail)
-    store["corrections"][key] = known
-    write_store(store, path)
-  where = f"measured now, stored in {path.name}" if todo else f"recorded in {path.name}"
-  return MixCorrections({k: known["factors"][k] for k in mixes},
-                        known.get("backend", "threads"), {k: known["detail"][k] for k in mixes}), where
 
 
 def time_to_target(curve: list, task: str, target: float) -> float | None:
@@ -123,7 +101,6 @@ def run_fed_scenario(sc: FedScenario, rounds: int, num_clients: int, per_round: 
                                       "whose mix was measured, corrected to the measured co-run",
                       "corrections": corrections.to_json(), "corrections_source": csource,
                       "inter_device": "modelled: lognormal device speed and bandwidth (mtfl_jax.clock)"}
-    fed.cfg = cfg
     res = run_federated(cfg, model, progress=False, fed=fed, corrections=corrections)
     h = res.history
     if policy == "none":

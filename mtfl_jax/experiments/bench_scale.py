@@ -1,5 +1,6 @@
-"""The scale benchmark: client updates per wall second of the sharded simulator
-(:class:`~mtfl_jax.federated.sharded.ShardedClients`) over devices and processes.
+"""The scale benchmark: client updates per wall second of the batched client executor
+(:class:`~mtfl_jax.federated.executors.BatchedExecutor`, ``simulator="sharded"``) over devices
+and processes.
 
 A *client update* is one client's local training for a round: one local epoch on its
 Dirichlet(0.5) shard of the task's training set (``ceil(n_c / batch)`` steps), every client of
@@ -15,7 +16,7 @@ and every round draws new client seeds, as a federated run does.
 Correctness: the aggregate delta ``sum_c p_c delta_c`` (``p_c = n_c / sum n``) of the first
 round of every point is compared with the single-device reference, computed once per
 (task, clients) in the 1-device, 1-process point of the first repeat by the plain per-client
-simulator (``run_clients(..., "loop")``) and :func:`~mtfl_jax.federated.algorithms.aggregate`.
+executor (:class:`~mtfl_jax.federated.executors.LoopExecutor`), weighted the same way.
 ``max_abs_diff`` is the largest absolute difference over all parameters; ``rel_diff`` divides
 it by the largest absolute entry of the reference delta.
 
@@ -117,8 +118,9 @@ def run_point(spec: dict) -> dict:
   distributed.initialize(spec.get("coordinator"), processes, pid, timeout_s=int(spec.get("join_timeout", 120)))
   import jax
 
-  from mtfl_jax.federated.sharded import ShardedClients, client_mesh
-  from mtfl_jax.federated.simulator import ClientWork, client_seed
+  from mtfl_jax.federated.client import ClientWork, client_seed, fedavg_program
+  from mtfl_jax.federated.executors import BatchedExecutor, LoopExecutor, client_mesh
+  from mtfl_jax.federated.federation import FedTask
   from mtfl_jax.tasks import get_task
   from mtfl_jax.train import init_variables, workload_steps
 
@@ -142,21 +144,25 @@ def run_point(spec: dict) -> dict:
   params0, state0 = jax.jit(lambda: init_variables(task, seed))()  # one compile, not one per eager init op
   params = jax.tree.map(np.asarray, params0)
   model_state = jax.tree.map(np.asarray, state0)
-  sim = ShardedClients(task, ds, client_mesh(devices))
+  ft = FedTask(task, 0, ds, tuple(shards), 0.0)
+  program = fedavg_program(task)
+  sim = BatchedExecutor(ft, program, client_mesh(devices), clients_hint=clients)
+  weights = {"delta": p, "model_state": p}
 
   def works(rnd):
     return [ClientWork(c, shards[c], steps[c], client_seed(seed, rnd, 0, c)) for c in range(clients)]
 
   times, delta0 = [], None
+  xla_start = xla_compiles[0]
   for rnd in range(1 + rounds):
     t0 = time.perf_counter()
-    out = sim.run(params, model_state, works(rnd), p)
+    out = sim.run({"params": params, "model_state": model_state}, works(rnd), weights)
     times.append(time.perf_counter() - t0)
     if rnd == 0:
-      delta0, compiles_first, xla_first = out.delta, sim.compiles, xla_compiles[0]
-    params = jax.tree.map(lambda a, d: (a + d).astype(a.dtype), params, out.delta)  # FedAvg, server lr 1
+      delta0, xla_first = out.sums["delta"], xla_compiles[0]
+    params = jax.tree.map(lambda a, d: (a + d).astype(a.dtype), params, out.sums["delta"])  # FedAvg, server lr 1
     if jax.tree.leaves(model_state):
-      model_state = out.model_state
+      model_state = jax.tree.map(lambda s, ref: s.astype(ref.dtype), out.sums["model_state"], model_state)
   rss = _peak_rss_mb()  # before the reference below, which holds every client's delta at once
   steady = sum(times[1:])
   res = {"task": task.name, "clients": clients, "devices": devices, "devices_per_process": devices // processes,
@@ -165,19 +171,15 @@ def run_point(spec: dict) -> dict:
          "rounds_steady": rounds, "first_round_s": round(times[0], 4),
          "round_s": round(steady / rounds, 4) if rounds else None,
          "client_updates_per_s": round(clients * rounds / steady, 2) if rounds else None,
-         "compiles_first_round": compiles_first, "compiles_after_first_round": sim.compiles - compiles_first,
-         "xla_compiles_after_first_round": None if xla_first is None else xla_compiles[0] - xla_first,
+         "executor": sim.name, "compiles_first_round": None if xla_first is None else xla_first - xla_start,
+         "compiles_after_first_round": None if xla_first is None else xla_compiles[0] - xla_first,
          "peak_rss_mb": round(rss, 1), "platform": jax.devices()[0].platform}
   outp = Path(spec["out"])
   if pid == 0:
     np.savez(outp.with_suffix(".delta.npz"), *jax.tree.leaves(delta0))
     if spec.get("reference"):
-      from mtfl_jax.federated.algorithms import aggregate
-      from mtfl_jax.federated.simulator import run_clients
-      w0 = works(0)
-      ref = run_clients(task, ds, params0, w0, "loop", state0)
-      agg = aggregate(ref.deltas, [len(w.indices) for w in w0])
-      np.savez(outp.with_suffix(".ref.npz"), *[np.asarray(a) for a in jax.tree.leaves(agg)])
+      ref = LoopExecutor(ft, program).run({"params": params0, "model_state": state0}, works(0), weights)
+      np.savez(outp.with_suffix(".ref.npz"), *[np.asarray(a) for a in jax.tree.leaves(ref.sums["delta"])])
   outp.with_name(f"{outp.stem}.p{pid}.json").write_text(json.dumps(res))
   return res
 
@@ -323,7 +325,7 @@ def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, conf
                  "(data_repeat), so every client of 1,000 holds a sample; at 100 clients the shards are "
                  "build_federation's",
          "reference": "max_abs_diff / rel_diff: the first round's aggregate delta against the single-device "
-                      "per-client simulator (run_clients 'loop' + aggregate) computed in the 1-device, "
+                      "per-client loop executor computed in the 1-device, "
                       "1-process point of repeat 0; rel_diff = max_abs_diff / max |reference|",
          "peak_rss": "resource.getrusage maxrss of the point's process (whole process: Python, JAX, data, "
                      "programs), read after the timed rounds and before the reference; per process for 2 processes",
@@ -354,9 +356,8 @@ def summarize(points: list) -> list:
           "client_updates_per_s_each": [p["client_updates_per_s"] for p in ok],
           "round_s": _median([p["round_s"] for p in ok]),
           "first_round_s": _median([p["first_round_s"] for p in ok]),
-          "compiles_after_first_round": max(p["compiles_after_first_round"] for p in ok),
-          "xla_compiles_after_first_round": (None if any(p["xla_compiles_after_first_round"] is None for p in ok)
-                                             else max(p["xla_compiles_after_first_round"] for p in ok)),
+          "compiles_after_first_round": (None if any(p["compiles_after_first_round"] is None for p in ok)
+                                         else max(p["compiles_after_first_round"] for p in ok)),
           "peak_rss_mb": _median([p["peak_rss_mb"] for p in ok]),
           "max_abs_diff": max((p["max_abs_diff"] for p in ok if p.get("max_abs_diff") is not None), default=None),
           "rel_diff": max((p["rel_diff"] for p in ok if p.get("rel_diff") is not None), default=None)})
@@ -413,7 +414,7 @@ def targets(out: dict) -> dict:
   if mem:
     res["memory_1000_vs_100"] = {"target": f"<= {TARGETS['memory_ratio_1000_vs_100']}x", "measured": mem,
                                  "met": all(v <= TARGETS["memory_ratio_1000_vs_100"] for v in mem.values())}
-  comp = [r["compiles_after_first_round"] for r in out["summary"] if "compiles_after_first_round" in r]
+  comp = [r["compiles_after_first_round"] for r in out["summary"] if r.get("compiles_after_first_round") is not None]
   res["no_recompiles"] = {"target": "0 programs built after the first round", "measured": max(comp, default=None),
                           "met": bool(comp) and max(comp) == 0}
   return res
@@ -430,10 +431,10 @@ def scale_table(out: dict) -> str:
     f = lambda v, fmt: format(v, fmt) if v is not None else "-"
     rows.append(f"{r['task']:<12}{r['clients']:>8}{r['devices']:>5}{r['processes']:>5}"
                 f"{r['client_updates_per_s']:>11.1f}{r['round_s']:>9.3f}{r['first_round_s']:>9.2f}"
-                f"{r['compiles_after_first_round']:>9}{r['peak_rss_mb']:>9.0f}{f(r['max_abs_diff'], '>11.2e')}"
+                f"{f(r['compiles_after_first_round'], '>9')}{r['peak_rss_mb']:>9.0f}{f(r['max_abs_diff'], '>11.2e')}"
                 f"{f(r['rel_diff'], '>10.2e')}")
   rows.append("medians over repeats; updates/s: client updates per wall second, steady rounds; compiles: programs "
-              "built after the first round (ShardedClients.compiles)")
+              "XLA compiled after the first round")
   for t, s in out["speedup"].items():
     rows.append(f"{t} at 100 clients: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in s.items()))
   if out["mlp_1000_round_s"]:

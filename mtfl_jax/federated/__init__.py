@@ -2,35 +2,30 @@
 
 Every task has its own global model. In a round the server samples clients; each sampled
 client trains every task it holds for its workload (``epochs * ceil(n / batch)`` local steps
-of the task's optimizer, from the global model, with a fresh optimizer state) and returns its
-model delta and final model_state; the server aggregates them per task and applies the
-aggregate with an optax server optimizer (plain averaging is server SGD with learning rate 1).
+of the task's optimizer, from the global model, with a fresh optimizer state) and sends back
+its update; the server aggregates them per task and applies the aggregate with an optax
+server optimizer (plain averaging is server SGD with learning rate 1).
 
-The flow, one module per step:
+The flow, one module per step, one way:
 
 * :mod:`.config`: :class:`FedConfig`, what a run is (tasks: names or your own Task values);
-* :mod:`.federation`: :func:`build_federation`, real datasets partitioned over clients, and
-  the fleet (device speeds and bandwidths);
-* :mod:`.policies`: :data:`POLICIES` of :class:`FedPolicy` values, how a round is planned
-  and clocked (:func:`plan_round`); add your own;
-* :mod:`.simulator`: client work (:func:`client_init` / train step / :func:`client_final`)
-  run as a per-client loop or one vmap (:func:`run_clients`, :func:`choose_mode`);
-* :mod:`.sharded`: the same client work over a ``clients`` mesh of devices (and processes,
-  with :mod:`mtfl_jax.distributed`), streamed in chunks, the weighted aggregate reduced on the
-  devices (:class:`ShardedClients`, ``FedConfig(simulator="sharded")``);
-* :mod:`.algorithms`: server aggregation as ``init``/``apply`` pairs, :func:`fed_avg` and
-  :func:`fed_nova` (the ``full`` policy's unequal local work would bias plain FedAvg towards
-  clients that step more, Wang et al. 2020; FedNova divides each delta by its client's
-  :func:`accumulation_norm`, the step count for plain SGD, larger under momentum);
-* :mod:`.driver`: :func:`run_federated`, rounds on the clock, checkpoints and resume;
-* :mod:`.outputs`: ``history.json`` and figures in a workdir (:func:`write_outputs`; what
-  ``python -m mtfl_jax federate`` writes).
+* :mod:`.federation`: :func:`build_federation`, real datasets partitioned over clients and
+  the fleet of devices, frozen;
+* :mod:`.plan`: :class:`RoundPlan` / :class:`ClientPlan`, and the :data:`POLICIES` that make
+  them (``none``, ``intra``, ``deadline``, ``overselect``, ``full``, ``fedbuff``); add yours;
+* :mod:`.executors`: how a task's clients run (``loop``, ``vmap``, ``sharded``, ``auto``; add
+  yours), all returning one :class:`Aggregate`;
+* :mod:`.client` / :mod:`.algorithms`: the client program and the server side (FedAvg,
+  FedNova, FedProx, SCAFFOLD; any optax server optimizer);
+* :mod:`.round`: one synchronous round; :mod:`.run`: :func:`run_federated`, the loop (and
+  FedBuff's asynchronous one) with :mod:`.callbacks` (checkpoints, evaluation, progress,
+  metrics writers); :mod:`.outputs`: ``history.json`` and figures.
 
-FL throughput is training *work* per virtual second: a local step of task i counts the
-task's solo step time ``s_i`` on this machine (``VRModel.solo_step_s``); each history row
-records the round's ``work_s`` and ``samples``. With ``FedConfig.time_budget_s`` a run stops
-before the first round that would end past the budget, so policies can be compared at equal
-virtual time.
+FL throughput, a diagnostic, is training *work* per virtual second: a local step of task i
+counts its solo step time ``s_i`` on this machine; each history row records the round's
+``work_s``, ``samples`` and ``work_beyond_nominal_s`` (work beyond the clients' local
+epochs, never a gain). With ``FedConfig.time_budget_s`` a run stops before the first round
+that would end past the budget.
 
 Example::
 
@@ -38,29 +33,33 @@ Example::
     result = run_federated(cfg)
     result.history[-1]["accuracy"]["digits_mlp"]
 """
-from mtfl_jax.federated.algorithms import (ClientUpdates, FedAlgorithm, ModelServerState, ServerState,
-                                           accumulation_norm, aggregate, average_model_state, client_weights, fed_avg,
-                                           fed_nova, fed_nova_nominal, fednova_norm_kind)
-from mtfl_jax.federated.config import SIMULATORS, FedConfig, check_config
-from mtfl_jax.federated.driver import (FAULTS, CheckpointError, ClientFailure, FedResult, NonFiniteUpdate, Restored,
-                                       apply_round, calibrate_mix, check_faults, init_server, restore_latest,
-                                       run_federated, server_algorithm)
-from mtfl_jax.federated.federation import Federation, build_federation
+from mtfl_jax.federated.algorithms import (FedAlgorithm, ModelServerState, ServerState, accumulation_norm, aggregate,
+                                           client_weights, make_algorithm)
+from mtfl_jax.federated.callbacks import (Callback, Checkpoint, CheckpointError, Evaluate, MetricsWriter, Outputs,
+                                          Progress)
+from mtfl_jax.federated.client import ClientProgram, ClientWork, client_seed, fedavg_program, scaffold_program
+from mtfl_jax.federated.config import FedConfig
+from mtfl_jax.federated.executors import (EXECUTORS, Aggregate, BatchedExecutor, ClientExecutor, LoopExecutor,
+                                          client_mesh, make_executor, register_executor)
+from mtfl_jax.federated.federation import FedTask, Federation, build_federation
 from mtfl_jax.federated.outputs import history_doc, write_outputs
-from mtfl_jax.federated.policies import (FED_POLICIES, POLICIES, FedPolicy, drop_late_clients, plan_round,
-                                         scale_work_to_deadline, task_scales)
-from mtfl_jax.federated.sharded import ShardedClients, ShardedResult, client_mesh
-from mtfl_jax.federated.simulator import (ClientResults, ClientWork, choose_mode, client_final, client_init,
-                                          client_key, client_seed, run_clients)
+from mtfl_jax.federated.plan import (POLICIES, ClientPlan, Policy, RoundPlan, client_plan, nominal_plan,
+                                     register_policy)
+from mtfl_jax.federated.round import NonFiniteUpdate
+from mtfl_jax.federated.run import FedResult, Run, run_federated
 
 __all__ = [
-    "accumulation_norm", "aggregate", "apply_round", "average_model_state", "build_federation",
-    "calibrate_mix", "check_config", "client_mesh", "client_weights", "history_doc", "ShardedClients",
-    "ShardedResult", "write_outputs", "check_faults", "CheckpointError", "choose_mode", "ClientFailure",
-    "client_final", "client_init", "client_key", "ClientResults", "client_seed", "ClientUpdates",
-    "ClientWork", "drop_late_clients", "FAULTS", "fed_avg", "fed_nova", "FED_POLICIES", "FedAlgorithm",
-    "FedConfig", "Federation", "fed_nova_nominal", "fednova_norm_kind", "FedPolicy", "FedResult", "init_server",
-    "ModelServerState", "NonFiniteUpdate", "plan_round", "POLICIES", "Restored", "restore_latest",
-    "run_clients", "run_federated", "scale_work_to_deadline", "server_algorithm", "ServerState",
-    "SIMULATORS", "task_scales",
+    # a run
+    "FedConfig", "run_federated", "FedResult", "Run", "build_federation", "Federation", "FedTask",
+    # policies and plans
+    "POLICIES", "Policy", "register_policy", "RoundPlan", "ClientPlan", "client_plan", "nominal_plan",
+    # executors
+    "EXECUTORS", "ClientExecutor", "register_executor", "make_executor", "Aggregate", "LoopExecutor",
+    "BatchedExecutor", "client_mesh",
+    # algorithms
+    "FedAlgorithm", "make_algorithm", "ModelServerState", "ServerState", "ClientProgram", "ClientWork",
+    "client_seed", "fedavg_program", "scaffold_program", "accumulation_norm", "aggregate", "client_weights",
+    # callbacks and outputs
+    "Callback", "Checkpoint", "CheckpointError", "Evaluate", "MetricsWriter", "Outputs", "Progress",
+    "history_doc", "write_outputs", "NonFiniteUpdate",
 ]

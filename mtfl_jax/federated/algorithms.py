@@ -1,35 +1,56 @@
-"""Server aggregation as an ``init``/``apply`` pair (as fedjax's federated algorithms): FedAvg
-(McMahan et al., 2017) and FedNova (Wang et al., 2020), each over one task's global model.
+"""Federated algorithms: what the server sends, how it weights what comes back, how it applies it.
 
-The server optimizer is an optax transformation applied to the negated aggregate delta
-(plain averaging is ``optax.sgd(1.0)``). A model's mutable collections (``model_state``,
-e.g. BatchNorm's ``batch_stats``) are not gradients: the new global model_state is the
-sample-weighted mean of the clients' final model_states, under either algorithm.
+A :class:`FedAlgorithm` (as fedjax's) pairs the client side (a
+:class:`~mtfl_jax.federated.client.ClientProgram`) with the server side: ``init`` (a task's
+global model), ``broadcast`` (what clients start from), ``weights`` (each client's weight in
+each weighted sum the executor returns) and ``apply`` (an
+:class:`~mtfl_jax.federated.executors.Aggregate` to a new global model).
+
+Aggregators of the model delta (``weights``):
+
+* ``fedavg``: ``p_c = n_c / sum n`` (McMahan et al., 2017);
+* ``fednova``: ``p_c / a_c * sum_c' p_c' a_c'`` with ``a_c`` the client's
+  :func:`accumulation_norm` (Wang et al., 2020): unequal local work does not bias the aggregate;
+* ``fednova_nominal``: ``p_c * a(nominal_c) / a(steps_c)``: each normalised delta brought to
+  its own client's nominal work (its local epochs), so a client whose work the coordinator did
+  not change contributes exactly as in FedAvg.
+
+The server optimizer is any optax transformation applied to the negated aggregate delta
+(``optax.sgd(1.0)`` is plain averaging; FedAvgM, FedAdam, FedYogi, FedAdagrad are
+``sgd(momentum=...)``, ``adam``, ``yogi``, ``adagrad``: Reddi et al., 2021). A model's mutable
+collections (e.g. BatchNorm statistics) are not gradients: the new global model_state is the
+sample-weighted mean of the clients' final ones. SCAFFOLD's server control variate moves by
+``sum_c (c_i+ - c_i) / N`` (N: the clients holding the task).
 
 Example::
 
-    algo = fed_avg(optax.sgd(1.0))
+    algo = make_algorithm(task, "fedavg", optax.adam(1e-2))      # FedAdam
     st = algo.init(params, model_state)
-    st = algo.apply(st, ClientUpdates(deltas, model_states, samples=[10, 30], steps=[5, 5]))
+    agg = executor.run(algo.broadcast(st), works, algo.weights(samples, steps, steps))
+    st = algo.apply(st, agg)
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from mtfl_jax.federated.client import ClientProgram, fedavg_program, scaffold_program
 
 
 class ModelServerState(flax.struct.PyTreeNode):
-  """One task's global model on the server: params, the server optimizer's state, and the
-  model's mutable collections (empty for models without any)."""
+  """One task's global model on the server: params, the server optimizer's state, the model's
+  mutable collections (empty for models without any) and the algorithm's own server state
+  (SCAFFOLD: ``{"control": c}``; else empty)."""
   params: Any
   opt_state: Any
   model_state: Any = flax.struct.field(default_factory=dict)
+  extra: Any = flax.struct.field(default_factory=dict)
 
 
 class ServerState(flax.struct.PyTreeNode):
@@ -42,38 +63,8 @@ class ServerState(flax.struct.PyTreeNode):
     return {t: m.params for t, m in self.models.items()}
 
   @property
-  def opt_state(self) -> dict:
-    return {t: m.opt_state for t, m in self.models.items()}
-
-  @property
   def model_state(self) -> dict:
     return {t: m.model_state for t, m in self.models.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientUpdates:
-  """What the clients of one task sent back: deltas and final model_states stacked on a
-  leading client axis, and per client its sample count and local steps."""
-  deltas: Any
-  model_states: Any
-  samples: Sequence[int]
-  steps: Sequence[int]
-  # The local steps each client would have run without coordination (its epochs); None: ``steps``.
-  nominal_steps: Sequence[int] | None = None
-
-
-class FedAlgorithm(NamedTuple):
-  """``init(params, model_state) -> ModelServerState``; ``apply(state, updates) -> state``.
-
-  The built-ins also split ``apply`` in two, for simulators that reduce over clients where
-  they run (:mod:`~mtfl_jax.federated.sharded`): ``weights(samples, steps, nominal_steps)``
-  gives each client's weight ``p_c`` in the aggregate delta ``sum_c p_c delta_c``, and
-  ``apply_mean(state, delta, model_state)`` applies an aggregate delta and the clients'
-  sample-weighted mean model_state."""
-  init: Callable[[Any, Any], ModelServerState]
-  apply: Callable[[ModelServerState, ClientUpdates], ModelServerState]
-  weights: Callable[..., Any] | None = None
-  apply_mean: Callable[[ModelServerState, Any, Any], ModelServerState] | None = None
 
 
 def accumulation_norm(steps: int, momentum: float = 0.0) -> float:
@@ -88,30 +79,24 @@ def accumulation_norm(steps: int, momentum: float = 0.0) -> float:
   return (tau - rho * (1.0 - rho ** tau) / (1.0 - rho)) / (1.0 - rho)
 
 
-_WARNED_NORM: set = set()
-
-
-def fednova_norm_kind(task) -> tuple[float | None, str]:
+def fednova_momentum(task) -> tuple[float, str]:
   """The momentum FedNova normalises with for ``task`` and a note for the history.
 
   ``task.momentum`` is a float for (momentum) SGD; None means the client optimizer is not
   SGD, for which no closed-form accumulation vector is known here: the step count is used
-  (a warning, once per task) and the history says so."""
+  (with a warning) and the history says so."""
   rho = getattr(task, "momentum", None)
   if rho is None:
-    name = getattr(task, "name", str(task))
-    if name not in _WARNED_NORM:
-      _WARNED_NORM.add(name)
-      warnings.warn(f"task '{name}': client optimizer is not (momentum) SGD; FedNova falls back to "
-                    "normalising by step counts", stacklevel=2)
-    return None, "steps (client optimizer not SGD: fallback)"
+    warnings.warn(f"task '{task.name}': client optimizer is not (momentum) SGD; FedNova falls back to "
+                  "normalising by step counts", stacklevel=3)
+    return 0.0, "steps (client optimizer not SGD: fallback)"
   return float(rho), f"accumulation norm, momentum {float(rho):g}" if rho else "steps (plain SGD)"
 
 
 def client_weights(samples, norms=None, target_norms=None) -> jax.Array:
-  """Each client's weight in the aggregate delta (see :func:`aggregate`): ``p_c = n_c / sum n``
-  (FedAvg); with ``norms``, ``p_c / norm_c * sum_c' p_c' norm_c'`` (FedNova); with
-  ``target_norms`` too, ``p_c * target_c / norm_c``."""
+  """Each client's weight in the aggregate delta: ``p_c = n_c / sum n`` (FedAvg); with
+  ``norms``, ``p_c / norm_c * sum_c' p_c' norm_c'`` (FedNova); with ``target_norms`` too,
+  ``p_c * target_c / norm_c``."""
   p = jnp.asarray(samples, jnp.float32)
   p = p / p.sum()
   if norms is not None:
@@ -121,87 +106,97 @@ def client_weights(samples, norms=None, target_norms=None) -> jax.Array:
 
 
 def aggregate(deltas, samples, norms=None, target_norms=None):
-  """Sample-weighted average of stacked deltas (leading axis: clients): FedAvg; with
-  ``norms`` (each client's :func:`accumulation_norm`), FedNova's normalised average
-  ``(sum_c p_c norm_c) * sum_c p_c delta_c / norm_c``; with ``target_norms`` too, each
-  normalised delta is brought to its own client's target norm instead of the common mean:
-  ``sum_c p_c delta_c * target_c / norm_c``."""
+  """Weighted average of stacked deltas (leading axis: clients) with :func:`client_weights`."""
   p = client_weights(samples, norms, target_norms)
   return jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), deltas)
 
 
-def average_model_state(model_states, samples):
-  """Sample-weighted mean of the clients' stacked final model_states (e.g. BatchNorm
-  statistics); a leaf keeps its dtype."""
-  p = jnp.asarray(samples, jnp.float32)
-  p = p / p.sum()
-  return jax.tree.map(lambda s: jnp.tensordot(p, s.astype(jnp.float32), axes=1).astype(s.dtype), model_states)
+def delta_weights(aggregator: str, momentum: float) -> Callable:
+  """``weights(samples, steps, nominal) -> p`` of an aggregator (see the module docstring)."""
+  norms = lambda steps: [accumulation_norm(s, momentum) for s in steps]  # noqa: E731
+  if aggregator == "fedavg":
+    return lambda samples, steps, nominal: client_weights(samples)
+  if aggregator == "fednova":
+    return lambda samples, steps, nominal: client_weights(samples, norms(steps))
+  if aggregator == "fednova_nominal":
+    return lambda samples, steps, nominal: client_weights(samples, norms(steps), norms(nominal))
+  raise ValueError(f"unknown aggregator {aggregator!r}; valid: fedavg, fednova, fednova_nominal")
 
 
-def _algorithm(server_optimizer: optax.GradientTransformation, norms_of, to_nominal: bool = False) -> FedAlgorithm:
+class FedAlgorithm(NamedTuple):
+  """A federated algorithm for one task (see the module docstring).
+
+  ``init(params, model_state) -> ModelServerState``; ``broadcast(state) -> pytree``;
+  ``weights(samples, steps, nominal, staleness=None) -> {output: vector}``;
+  ``apply(state, aggregate) -> state``; ``program``: the client side; ``note``: what the
+  history should say about the aggregation (None: nothing)."""
+  init: Callable
+  broadcast: Callable
+  weights: Callable
+  apply: Callable
+  program: ClientProgram
+  note: str | None = None
+
+
+def staleness_weights(staleness: Sequence[int], exponent: float) -> np.ndarray:
+  """FedBuff's down-weighting of stale updates: ``(1 + s)^-exponent`` (Nguyen et al., 2022)."""
+  return (1.0 + np.asarray(staleness, np.float64)) ** -float(exponent)
+
+
+def make_algorithm(task, aggregator: str = "fedavg", server_optimizer: optax.GradientTransformation | None = None,
+                   prox_mu: float = 0.0, scaffold: bool = False, holders: int = 1,
+                   staleness_exponent: float = 0.5) -> FedAlgorithm:
+  """The algorithm of ``task``: its client program (FedAvg's local SGD, with FedProx's
+  ``prox_mu``, or SCAFFOLD's), ``aggregator``'s delta weights, ``server_optimizer`` (default
+  ``optax.sgd(1.0)``). ``holders``: how many clients hold the task (SCAFFOLD's ``N``)."""
+  tx = server_optimizer if server_optimizer is not None else optax.sgd(1.0)
+  program = (scaffold_program if scaffold else fedavg_program)(task, prox_mu)
+  note = None
+  momentum = 0.0
+  if aggregator != "fedavg":
+    momentum, note = fednova_momentum(task)
+    if aggregator == "fednova_nominal":
+      note += ", to each client's nominal work"
+  p_of = delta_weights(aggregator, momentum)
+
   def init(params, model_state=None) -> ModelServerState:
-    return ModelServerState(params, server_optimizer.init(params), {} if model_state is None else model_state)
+    extra = {"control": jax.tree.map(jnp.zeros_like, params)} if scaffold else {}
+    return ModelServerState(params, tx.init(params), {} if model_state is None else model_state, extra)
 
-  def weights(samples, steps, nominal_steps=None):
-    target = None
-    if to_nominal:
-      target = norms_of(nominal_steps if nominal_steps is not None else steps)
-    return client_weights(samples, norms_of(steps), target)
+  def broadcast(state: ModelServerState):
+    out = {"params": state.params, "model_state": state.model_state}
+    if scaffold:
+      out["control"] = state.extra["control"]
+    return out
 
-  def apply_mean(state: ModelServerState, delta, model_state) -> ModelServerState:
+  def weights(samples, steps, nominal, staleness=None) -> dict:
+    p = np.asarray(p_of(samples, steps, nominal), np.float32)
+    if staleness is not None:
+      p = (p * staleness_weights(staleness, staleness_exponent)).astype(np.float32)
+    q = np.asarray(client_weights(samples), np.float32)
+    out = {"delta": p, "model_state": q}
+    if scaffold:
+      out["control"] = np.full(len(samples), 1.0 / holders, np.float32)
+    return out
+
+  def apply(state: ModelServerState, agg) -> ModelServerState:
+    delta = jax.tree.map(jnp.asarray, agg.sums["delta"])
     # the aggregate delta is a descent direction: the server optimizer gets it as a gradient
-    upd, opt_state = server_optimizer.update(jax.tree.map(jnp.negative, delta), state.opt_state, state.params)
-    model_state = model_state if jax.tree.leaves(state.model_state) else state.model_state
-    return ModelServerState(optax.apply_updates(state.params, upd), opt_state, model_state)
+    upd, opt_state = tx.update(jax.tree.map(jnp.negative, delta), state.opt_state, state.params)
+    model_state = state.model_state
+    if jax.tree.leaves(state.model_state):
+      model_state = jax.tree.map(lambda s, ref: jnp.asarray(s).astype(ref.dtype), agg.sums["model_state"],
+                                 state.model_state)
+    extra = state.extra
+    if scaffold:
+      extra = {"control": jax.tree.map(lambda c, d: c + jnp.asarray(d), state.extra["control"], agg.sums["control"])}
+    return ModelServerState(optax.apply_updates(state.params, upd), opt_state, model_state, extra)
 
-  def apply(state: ModelServerState, updates: ClientUpdates) -> ModelServerState:
-    p = weights(updates.samples, updates.steps, updates.nominal_steps)
-    delta = jax.tree.map(lambda d: jnp.tensordot(p, d, axes=1), updates.deltas)
-    model_state = (average_model_state(updates.model_states, updates.samples)
-                   if jax.tree.leaves(state.model_state) else state.model_state)
-    return apply_mean(state, delta, model_state)
-
-  return FedAlgorithm(init, apply, weights, apply_mean)
-
-
-def fed_avg(server_optimizer: optax.GradientTransformation) -> FedAlgorithm:
-  """FedAvg: the sample-weighted mean of the client deltas, applied by ``server_optimizer``.
-
-  Example::
-
-      fed_avg(optax.sgd(1.0))       # plain federated averaging
-  """
-  return _algorithm(server_optimizer, lambda steps: None)
+  return FedAlgorithm(init, broadcast, weights, apply, program, note)
 
 
-def fed_nova(server_optimizer: optax.GradientTransformation, momentum: float = 0.0) -> FedAlgorithm:
-  """FedNova: each delta divided by its client's :func:`accumulation_norm` (client optimizer
-  momentum ``momentum``; 0 for plain SGD, where it is the step count), sample-weighted, and
-  rescaled by the weighted mean norm, so unequal local work does not bias the aggregate.
-
-  Example::
-
-      fed_nova(optax.sgd(1.0), momentum=0.9)
-  """
-  return _algorithm(server_optimizer, lambda steps: [accumulation_norm(s, momentum) for s in steps])
-
-
-def fed_nova_nominal(server_optimizer: optax.GradientTransformation, momentum: float = 0.0) -> FedAlgorithm:
-  """FedNova normalised to each client's *nominal* work: a client's delta is divided by the
-  :func:`accumulation_norm` of the steps it ran and multiplied by that of the steps it would
-  have run without coordination (``ClientUpdates.nominal_steps``: its local epochs), then
-  sample-weighted. A client whose work the coordinator did not change contributes exactly as
-  in FedAvg; one whose work was cut or extended contributes as if it had run its epochs.
-
-  Why not plain :func:`fed_nova`: it rescales every client to the common mean norm, so with
-  skewed shards (1 to 40 local steps) and momentum 0.9 it multiplies the noisy few-step
-  updates of small clients by up to ~10x whether or not coordination touched them; measured
-  on the quick federated benchmark this cost ``full`` 0.18-0.28 accuracy on some tasks at an
-  equal time budget. Normalising to the nominal work removes only the bias the coordination
-  introduces, so ``full`` optimises the same objective as ``none``'s FedAvg.
-
-  Example::
-
-      fed_nova_nominal(optax.sgd(1.0), momentum=0.9)
-  """
-  return _algorithm(server_optimizer, lambda steps: [accumulation_norm(s, momentum) for s in steps], True)
+def server_optimizer(name_or_tx, lr: float = 1.0, kwargs=None) -> optax.GradientTransformation:
+  """An optax transformation from a name (``optax.<name>(learning_rate=lr, **kwargs)``) or as given."""
+  if isinstance(name_or_tx, str):
+    return getattr(optax, name_or_tx)(learning_rate=lr, **dict(kwargs or {}))
+  return name_or_tx
