@@ -1,7 +1,9 @@
 """Command line: ``python -m mtfl_jax {profile,download,bench,federate,reproduce} ...``.
 
-Errors the user can act on end in one ``error: ...`` line and exit code 2; Ctrl-C ends in one
-``interrupted: ...`` line saying what was kept and how to resume, and exit code 130.
+Errors the user can act on end in one ``error: ...`` line and exit code 2, before any work;
+Ctrl-C ends in one ``interrupted: ...`` line saying what was kept and how to resume, and exit
+code 130. SIGTERM (``kill PID``, a job scheduler's stop) ends a command as Ctrl-C does (the same
+line; exit code 143): the processes it started are stopped and its temporary files removed.
 """
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 
 def _profile(args):
-  from mtfl_jax.profiling import default_profile_path, load_profiles, profile_table, profile_tasks, save_profiles
+  from mtfl_jax.profiling import (check_repeats, default_profile_path, load_profiles, profile_table, profile_tasks,
+                                  save_profiles)
   from mtfl_jax.results import check_writable, write_json
   from mtfl_jax.tasks import get_tasks
+  check_repeats(args.repeats, "--repeats")
   tasks = get_tasks(args.tasks)
   if args.json:
     check_writable(args.json, "--json")
@@ -43,6 +48,9 @@ def _bench(args):
   from mtfl_jax.results import check_writable
   if args.json:
     check_writable(args.json, "--json")
+  if args.which == "federated":
+    from mtfl_jax.calibration import read_store
+    read_store()  # a corrupt calibration store is reported now, not after minutes of measuring
   if args.which == "cosched":
     from mtfl_jax.experiments.bench_cosched import bench_cosched
     bench_cosched(quick=not args.full, json_path=args.json)
@@ -76,7 +84,8 @@ def _federate_config(args):
            "eval_every": args.eval_every, "simulator": args.simulator}
   cfg = {**base, **{k: v for k, v in flags.items() if v is not None}}
   if isinstance(cfg.get("tasks"), str):
-    cfg["tasks"] = tuple(t for t in cfg["tasks"].split(",") if t)
+    from mtfl_jax.tasks import parse_task_names
+    cfg["tasks"] = parse_task_names(cfg["tasks"])
   if cfg.get("alpha") == 0:
     cfg["alpha"] = None  # --alpha 0: no label skew
   cfg.setdefault("simulator", "sharded")
@@ -87,19 +96,69 @@ def _federate_config(args):
   return FedConfig(**cfg)
 
 
+def _check_run_flags(args) -> None:
+  """The devices-and-processes flags of ``federate``, alone and together, before anything runs:
+  a flag that would be ignored, or that contradicts another, is an error naming both."""
+  from mtfl_jax import distributed
+
+  def within(name, lo, hi=None, why=""):
+    v = getattr(args, name.replace("-", "_"))
+    if v is None:
+      return
+    if v < lo:
+      raise ValueError(f"--{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+      raise ValueError(f"--{name} must be <= {hi}, got {v}{why}")
+  within("processes", 1, distributed.MAX_PROCESSES)
+  within("process-id", 0)
+  within("join-timeout", 1, distributed.MAX_JOIN_TIMEOUT_S,
+         " (seconds; a process that stops answering is noticed only after this long)")
+  many = " (JAX builds every CPU device when it starts)"
+  within("devices", 1, distributed.MAX_CPU_DEVICES, many)
+  within("devices-per-process", 1, distributed.MAX_CPU_DEVICES, many)
+  n, pid = args.processes, args.process_id
+  coordinator = args.coordinator or os.environ.get("MTFL_COORDINATOR")
+  if pid is None:
+    if args.coordinator:
+      raise ValueError("--coordinator is for a process started by hand: give its --process-id too (or leave "
+                       "--coordinator out: --processes N alone starts N local processes on a port of its own)")
+    if n == 1 and args.devices_per_process is not None:
+      raise ValueError("--devices-per-process is for runs of several processes; in one process give --devices")
+    cores = distributed.usable_cores()
+    if n > cores:
+      raise ValueError(f"--processes {n}: each local process needs a core of its own, and this process may use "
+                       f"{cores}; give --processes <= {cores}, or start the processes on several hosts by hand "
+                       "(--process-id, --coordinator)")
+  else:
+    if pid >= n:
+      raise ValueError(f"--process-id {pid} is not below --processes {n}: process ids run 0..{n - 1}")
+    if n > 1:
+      if not coordinator:
+        raise ValueError(f"process {pid} of {n} needs --coordinator HOST:PORT, the address of process 0 "
+                         "(or the environment variable MTFL_COORDINATOR)")
+      distributed.check_address(coordinator)
+  if args.devices is not None:
+    per = args.devices_per_process
+    if per is not None and per * n != args.devices:
+      raise ValueError(f"--devices {args.devices} and --devices-per-process {per} disagree for --processes {n} "
+                       f"({per} x {n} = {per * n}); give one of them")
+    if per is None and args.devices % n:
+      raise ValueError(f"--devices {args.devices} does not split evenly over --processes {n}; give a multiple of "
+                       "the process count (or --devices-per-process)")
+
+
 def _join(args, cfg) -> bool:
   """Sets up devices and processes before any JAX computation; False: this process only
   launches the local processes (``--processes N`` without ``--process-id``)."""
   from mtfl_jax import distributed
-  for name in ("processes", "join_timeout"):
-    v = getattr(args, name)
-    if v < 1:
-      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
   if args.processes > 1 and args.process_id is None:
     return False
   if args.process_id is not None:
-    if args.devices_per_process is not None:  # else JAX's own count (a process started by hand)
-      distributed.use_cpu_devices(args.devices_per_process)
+    per = args.devices_per_process
+    if per is None and args.devices is not None:
+      per = args.devices // args.processes
+    if per is not None:  # else JAX's own count (a process started by hand)
+      distributed.use_cpu_devices(per)
     distributed.initialize(args.coordinator, args.processes, args.process_id, timeout_s=args.join_timeout)
   elif cfg.devices is not None:  # --devices or the config file's "devices"
     distributed.use_cpu_devices(cfg.devices)
@@ -124,7 +183,7 @@ def _vr_model(cfg, workdir: Path):
 def _launch(args, cfg) -> int:
   from mtfl_jax import distributed
   devices = args.devices if args.devices is not None else cfg.devices
-  if args.devices_per_process is None and devices is not None and devices % args.processes:
+  if args.devices_per_process is None and devices is not None and devices % args.processes:  # the config's
     raise ValueError(f"--devices {devices} does not split evenly over --processes {args.processes}; "
                      "give a multiple of the process count (or --devices-per-process)")
   drop = {"--processes", "--devices-per-process", "--devices"}
@@ -149,6 +208,7 @@ def _launch(args, cfg) -> int:
 
 def _federate(args):
   from mtfl_jax.results import check_writable
+  _check_run_flags(args)
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
   _check_resumable(cfg, Path(args.workdir))
@@ -192,8 +252,6 @@ def _check_resumable(cfg, workdir: Path) -> None:
 
 def _reproduce(args):
   from mtfl_jax.experiments.reproduce import reproduce
-  from mtfl_jax.results import check_writable
-  check_writable(args.out, "--out", directory=True)
   reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded, seed=args.seed)
 
 
@@ -241,6 +299,41 @@ _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 _PREVIOUS_HOOK = [sys.unraisablehook]
+# Set (to its pid) by the launcher, distributed.launch_local, in the processes it starts: they die
+# with it, keep SIGTERM's default action (end at once, even inside a collective), and leave
+# reporting the run's end to it.
+LAUNCHED_ENV = "MTFL_LAUNCHED"  # distributed.LAUNCHER_ENV (not imported here: it imports JAX)
+
+
+class _UsageError(Exception):
+  """A command line argparse refuses (unknown flag, value of the wrong type, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, with the CLI's one-line ``error: ...`` (argparse's own prints the usage first)."""
+
+  def error(self, message):
+    raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _Terminated:
+  """SIGTERM ends a command as Ctrl-C does: the handler raises ``KeyboardInterrupt`` in the main
+  thread, so every ``finally`` and ``with`` runs (child processes stopped, temporary folders
+  removed) and the same ``interrupted:`` line is printed. A second SIGTERM while that clean-up
+  runs is ignored (a supervisor that insists sends SIGKILL)."""
+
+  def __init__(self):
+    self.received = False
+
+  def __call__(self, signum, frame):
+    if self.received:
+      return
+    self.received = True
+    raise KeyboardInterrupt
+
+
+def _ignore(signum, frame):
+  """A handler that does nothing (unlike SIG_IGN, not inherited by processes started later)."""
 
 
 def _redeliver_swallowed_ctrl_c(unraisable):
@@ -261,7 +354,7 @@ def _redeliver_swallowed_ctrl_c(unraisable):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mtfl_jax", description=__doc__)
+  p = _Parser(prog="python -m mtfl_jax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
 
   pr = sub.add_parser("profile", help="solo profiles of tasks on this device")
@@ -293,7 +386,7 @@ def main(argv=None) -> int:
   re_.add_argument("--seed", type=int, default=0)
   re_.set_defaults(fn=_reproduce)
 
-  dist = argparse.ArgumentParser(add_help=False)
+  dist = _Parser(add_help=False)
   g = dist.add_argument_group("devices and processes")
   g.add_argument("--devices", type=int, help="devices for the clients mesh (on a CPU: that many CPU devices)")
   g.add_argument("--processes", type=int, default=1, help="processes joined by jax.distributed; "
@@ -321,20 +414,33 @@ def main(argv=None) -> int:
   fe.add_argument("--simulator", help="sharded (default), auto, loop or vmap")
   fe.set_defaults(fn=_federate)
 
-  args = p.parse_args(argv)
+  launched = os.environ.get(LAUNCHED_ENV)
+  if launched and argv is None:
+    from mtfl_jax.distributed import die_with_parent
+    die_with_parent(int(launched))
+  try:
+    args = p.parse_args(argv)
+  except _UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   args.argv = list(sys.argv[1:] if argv is None else argv)
   hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
   _PREVIOUS_HOOK[0] = hook if hook is not _redeliver_swallowed_ctrl_c else sys.__unraisablehook__
+  term, previous_term = _Terminated(), None
+  if threading.current_thread() is threading.main_thread() and not os.environ.get(LAUNCHED_ENV):
+    previous_term = signal.signal(signal.SIGTERM, term)
   try:
     code = args.fn(args)
     if isinstance(code, int) and code:
       return code
   except KeyboardInterrupt:
-    # A second Ctrl-C while the message is printed and the interpreter shuts down would end
-    # the process by SIGINT instead of the documented exit code 130.
+    # A second Ctrl-C (or SIGTERM) while the message is printed and the interpreter shuts down
+    # would end the process by the signal instead of the documented exit code.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if previous_term is not None:
+      signal.signal(signal.SIGTERM, _ignore)
     print(f"\n{_interrupted(args)}", file=sys.stderr)
-    return 130
+    return 143 if term.received else 130
   except Exception as e:  # noqa: BLE001 - sorted below: user errors in one line, bugs re-raised
     if isinstance(e, _user_errors()) or (isinstance(e, OSError) and e.errno in _DISK_ERRNOS):
       print(f"error: {e}", file=sys.stderr)
@@ -342,6 +448,8 @@ def main(argv=None) -> int:
     raise
   finally:
     sys.unraisablehook = hook
+    if previous_term is not None:
+      signal.signal(signal.SIGTERM, previous_term)
   return 0
 
 

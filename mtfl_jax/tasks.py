@@ -200,7 +200,8 @@ class Task:
     elif not (callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))):
       raise bad(f"optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-3)), "
                 f"got {type(self.optimizer).__name__}")
-    if isinstance(self.batch_size, bool) or not (isinstance(self.batch_size, (int, np.integer)) and self.batch_size > 0):
+    bs = self.batch_size
+    if isinstance(bs, bool) or not (isinstance(bs, (int, np.integer)) and bs > 0):
       raise bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
     # A huge batch would allocate its index and image arrays (or exhaust memory) long after the
     # task was built: bounded here, before any work, by the float32 inputs of one batch.

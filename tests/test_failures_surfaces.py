@@ -3,15 +3,26 @@
 Each case names the value, what is valid and a fix the user can make (a flag or an argument
 that exists); CLI cases run ``main([...])`` in-process, signals in a subprocess.
 """
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import optax
 import pytest
 
-from mtfl_jax import models
+from mtfl_jax import distributed, models
+from mtfl_jax.__main__ import main
 from mtfl_jax.data import Dataset
 from mtfl_jax.tasks import Task, get_tasks, parse_task_names
 from mtfl_jax.train import evaluate, init_params
 
+REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 X = RNG.random((60, 4)).astype(np.float32)
 Y3 = RNG.integers(0, 3, 60)
@@ -80,7 +91,8 @@ def test_images_of_different_sizes_name_the_array_and_the_first_odd_sample():
     (lambda: Dataset.from_arrays("c", X + 1j, Y3), "dataset 'c': x_train must hold real numbers, got dtype complex"),
     (lambda: Dataset.from_arrays("c", X, Y3 * 10**10),
      r"found 20000000000 \(ids, not class numbers\?\); map them to 0..K-1"),
-    (lambda: Dataset.from_arrays("c", X, Y3, num_classes=True), r"num_classes=True but .* give an integer num_classes >= 3"),
+    (lambda: Dataset.from_arrays("c", X, Y3, num_classes=True),
+     r"num_classes=True but .* give an integer num_classes >= 3"),
     (lambda: Dataset.from_arrays("c", X, Y3, num_classes=2.0), "num_classes=2.0 but labels go up to 2"),
     (lambda: Dataset.from_arrays("c", X, [[0, 1]] * 30 + [[0]] * 30),
      r"samples of y_train differ in shape: y_train\[30\] has shape \(1,\) but y_train\[0\] has \(2,\)"),
@@ -137,3 +149,229 @@ def test_task_lists_are_parsed_in_one_place():
   assert [t.name for t in get_tasks("digits_mlp, mnist_lenet")] == ["digits_mlp", "mnist_lenet"]
   with pytest.raises(ValueError, match="no task named; valid tasks: digits_mlp"):
     get_tasks(" , ")
+
+
+def _cli(capsys, *argv) -> str:
+  """``main(argv)``'s one-line error (exit code 2)."""
+  assert main(list(argv)) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+  return err[len("error: "):]
+
+
+def test_federate_task_lists_strip_spaces_like_profile(tmp_path, capsys):
+  w = str(tmp_path / "w")
+  err = _cli(capsys, "federate", "--workdir", w, "--tasks", "digits_mlp, mnist_lenet,", "--rounds", "0")
+  assert err == "bad federated config: rounds must be an integer >= 1, got 0"  # the tasks were understood
+  cfg = tmp_path / "cfg.json"
+  cfg.write_text(json.dumps({"tasks": "digits_mlp , mnist_lenet", "rounds": 0}))
+  assert _cli(capsys, "federate", "--workdir", w, "--config", str(cfg)) == err
+
+
+# --------------------------------------------------------------------------- command lines
+@pytest.mark.parametrize("argv, expected", [
+    (["bench", "nope"], "argument which: invalid choice: 'nope' (choose from 'cosched', 'federated', 'scale') "
+                        "(see python -m mtfl_jax bench --help)"),
+    (["profile", "--repeats", "many"], "argument --repeats: invalid int value: 'many' (see python -m mtfl_jax "
+                                       "profile --help)"),
+    (["federate"], "the following arguments are required: --workdir (see python -m mtfl_jax federate --help)"),
+    (["download", "mnist", "--bogus"], "unrecognized arguments: --bogus (see python -m mtfl_jax --help)"),
+    (["profile", "--tasks", "digits_mlp", "--repeats", "0"],
+     "--repeats must be an integer between 1 and 10000 (timed steps per task), got 0"),
+    (["profile", "--tasks", "digits_mlp", "--repeats", str(10**9)],
+     "--repeats must be an integer between 1 and 10000 (timed steps per task), got 1000000000"),
+    (["profile", "--tasks", " , "], "no task named; valid tasks: digits_mlp, mnist_lenet, cifar_resnet, shapes_unet"),
+    (["download", ""], "unknown dataset ''; valid: mnist, fashion_mnist, cifar10, mtfl_digits, mtfl_mnist5k, "
+                       "mtfl_shapes"),
+])
+def test_command_line_mistakes_are_one_line(capsys, argv, expected):
+  t0 = time.perf_counter()
+  assert _cli(capsys, *argv) == expected
+  assert time.perf_counter() - t0 < 5  # refused before any work
+
+
+def test_a_huge_profile_keeps_a_bounded_batch_pool(monkeypatch):
+  from mtfl_jax import profiling
+  drawn = []
+  real = profiling.sample_batches
+  monkeypatch.setattr(profiling, "sample_batches", lambda *a: drawn.append(a[4]) or real(*a))
+  monkeypatch.setattr(profiling, "device_peak_flops", lambda: 1e9)  # not what this test is about
+  prof = profiling.profile_task("digits_mlp", warmup=0, repeats=70, top_ops=1)
+  assert drawn == [64] and prof.step_time_s > 0  # 70 steps cycle over 64 batches
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_reproduce_seed_out_of_range_before_any_work(tmp_path, capsys, seed):
+  t0 = time.perf_counter()
+  assert _cli(capsys, "reproduce", "--seed", seed, "--out", str(tmp_path / "r")) == (
+      f"seed (--seed) must be an integer between 0 and 4294967295, got {seed}")
+  assert time.perf_counter() - t0 < 5 and not (tmp_path / "r").exists()
+
+
+def test_reproduce_into_another_runs_out_refuses_before_measuring(tmp_path, capsys):
+  raw = tmp_path / "r" / "raw"
+  raw.mkdir(parents=True)
+  (raw / "federated.json").write_text(json.dumps({"device": "d", "repro_mode": "full", "seed": 0}))
+  before = (raw / "federated.json").read_text()
+  t0 = time.perf_counter()  # the first experiment (workloads) is not measured first
+  assert _cli(capsys, "reproduce", "--out", str(tmp_path / "r")) == (
+      f"{raw / 'federated.json'} holds a 'full' run with seed 0; use another --out for mode 'quick', seed 0 "
+      "(nothing was measured or overwritten)")
+  assert time.perf_counter() - t0 < 5
+  assert sorted(p.name for p in raw.iterdir()) == ["federated.json"] and (raw / "federated.json").read_text() == before
+
+
+# --------------------------------------------------------------------------- devices and processes
+def _fed(tmp_path, capsys, *flags) -> str:
+  return _cli(capsys, "federate", "--workdir", str(tmp_path / "w"), "--tasks", "digits_mlp", *flags)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--processes", "0"], "--processes must be >= 1, got 0"),
+    (["--processes", str(distributed.usable_cores() + 1)],
+     f"--processes {distributed.usable_cores() + 1}: each local process needs a core of its own, and this process "
+     f"may use {distributed.usable_cores()}; give --processes <= {distributed.usable_cores()}, or start the processes "
+     "on several hosts by hand (--process-id, --coordinator)"),
+    (["--processes", "2", "--process-id", "2", "--coordinator", "h:1"],
+     "--process-id 2 is not below --processes 2: process ids run 0..1"),
+    (["--processes", "2", "--process-id", "-1"], "--process-id must be >= 0, got -1"),
+    (["--processes", "2", "--process-id", "1"],
+     "process 1 of 2 needs --coordinator HOST:PORT, the address of process 0 (or the environment variable "
+     "MTFL_COORDINATOR)"),
+    (["--processes", "2", "--process-id", "1", "--coordinator", "h:99999"],
+     "the coordinator address (--coordinator) must be HOST:PORT with a port in 1..65535 (e.g. 10.0.0.1:1234), "
+     "got 'h:99999'"),
+    (["--coordinator", "h:1"], "--coordinator is for a process started by hand: give its --process-id too (or "
+                               "leave --coordinator out: --processes N alone starts N local processes on a port of "
+                               "its own)"),
+    (["--join-timeout", str(10**9)], "--join-timeout must be <= 3600, got 1000000000 (seconds; a process that stops "
+                                     "answering is noticed only after this long)"),
+    (["--devices", "0"], "--devices must be >= 1, got 0"),
+    (["--devices", str(10**6)], "--devices must be <= 1024, got 1000000 (JAX builds every CPU device when it starts)"),
+    (["--devices-per-process", "0", "--processes", "2"], "--devices-per-process must be >= 1, got 0"),
+    (["--devices-per-process", "2"], "--devices-per-process is for runs of several processes; in one process give "
+                                     "--devices"),
+    (["--processes", "2", "--devices", "4", "--devices-per-process", "3"],
+     "--devices 4 and --devices-per-process 3 disagree for --processes 2 (3 x 2 = 6); give one of them"),
+    (["--processes", "2", "--process-id", "0", "--coordinator", "h:1", "--devices", "3"],
+     "--devices 3 does not split evenly over --processes 2; give a multiple of the process count (or "
+     "--devices-per-process)"),
+])
+def test_process_flags_are_checked_together_before_anything_runs(tmp_path, capsys, flags, expected):
+  if "--processes" in flags and flags[flags.index("--processes") + 1] == "2" and distributed.usable_cores() < 2:
+    pytest.skip("needs 2 cores for a local launch of 2 processes")
+  assert _fed(tmp_path, capsys, *flags) == expected
+  assert not (tmp_path / "w").exists()
+
+
+def test_join_failure_messages_name_who_never_joined():
+  assert distributed.join_failure(0, 2, "h:7", 5) == (
+      "process 0 of 2 (this process, which coordinates the run) could not join the run coordinated at h:7 within 5s: "
+      "process 1 never joined. Check that every other process was started with the same --processes 2, "
+      "--coordinator h:7 and its own --process-id, that it can reach port 7 of this host by that address (a "
+      "firewall?), and that it started within --join-timeout (raise it if the others start later); each process "
+      "runs: python -m mtfl_jax federate ... --processes 2 --process-id I --coordinator h:7")
+  four = distributed.join_failure(0, 4, "h:7", 5)
+  assert "at least one of processes 1..3 (JAX does not say which) never joined" in four
+  assert distributed.join_failure(2, 3, "h:7", 5, "Connection refused").startswith(
+      "process 2 of 3 could not join the run coordinated at h:7 within 5s: the coordinator does not answer there "
+      "(Connection refused). Check that process 0 runs on that host (--process-id 0 --coordinator h:7)")
+  assert ": process 0 answers there, but process 1 never joined." in distributed.join_failure(2, 3, "h:7", 5)
+  assert ": process 0 answers there, but one of processes 1, 3 never joined." in distributed.join_failure(
+      2, 4, "h:7", 5)
+  assert "the run did not form. Check that every process was started with the same --processes 2 (process 0 may " \
+         "expect more)" in distributed.join_failure(1, 2, "h:7", 5)
+
+
+def _env(**extra):
+  return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def test_process_0_started_by_hand_says_process_1_never_joined(tmp_path):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  t0 = time.perf_counter()
+  r = subprocess.run([sys.executable, "-m", "mtfl_jax", "federate", "--workdir", str(tmp_path / "w"), "--tasks",
+                      "digits_mlp", "--rounds", "1", "--processes", "2", "--process-id", "0", "--coordinator",
+                      f"127.0.0.1:{port}", "--join-timeout", "3"], cwd=REPO, env=_env(), capture_output=True,
+                     text=True, timeout=90)
+  assert time.perf_counter() - t0 < 45  # the 3 s join timeout and an interpreter start
+  assert r.returncode == 2 and r.stderr.strip() == "error: " + distributed.join_failure(0, 2, f"127.0.0.1:{port}", 3)
+
+
+# --------------------------------------------------------------------------- SIGTERM
+def _children_of(pid: int) -> list[int]:
+  out = []
+  for d in os.listdir("/proc"):
+    if d.isdigit():
+      try:
+        if int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+          out.append(int(d))
+      except (OSError, ValueError, IndexError):
+        pass
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _terminate_when(p: subprocess.Popen, ready, timeout: float = 120) -> tuple[list[int], str]:
+  """Waits until ``ready(children)`` holds, sends SIGTERM, and returns the children seen then and
+  the process's stderr; kills everything left should the test fail."""
+  kids = []
+  try:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+      kids = _children_of(p.pid)
+      if ready(kids):
+        break
+      time.sleep(0.2)
+    assert p.poll() is None and ready(kids), p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+  finally:
+    for pid in [*kids, p.pid]:
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    p.wait()
+  return kids, err
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the child processes in /proc")
+def test_sigterm_stops_bench_scale_its_point_process_and_removes_its_temp_dir(tmp_path):
+  tmp = tmp_path / "tmp"
+  tmp.mkdir()
+  p = subprocess.Popen([sys.executable, "-m", "mtfl_jax", "bench", "scale"], cwd=REPO, env=_env(TMPDIR=str(tmp)),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  kids, err = _terminate_when(p, lambda kids: bool(kids) and any(tmp.glob("mtfl_scale_*")))
+  assert p.returncode == 143, err[-3000:]
+  assert err.strip().splitlines()[-1] == ("interrupted: no results written (the benchmark writes them when it "
+                                          "ends); rerun the same command")
+  assert "Traceback" not in err and "os.fork()" not in err
+  assert not [k for k in kids if _alive(k)] and not list(tmp.iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or distributed.usable_cores() < 2,
+                    reason="finds the child processes in /proc; 2 local processes need 2 cores")
+def test_sigterm_stops_the_federate_launcher_and_its_processes(tmp_path):
+  w = tmp_path / "w"
+  p = subprocess.Popen([sys.executable, "-m", "mtfl_jax", "federate", "--workdir", str(w), "--tasks", "digits_mlp",
+                        "--clients", "4", "--rounds", "1000", "--processes", "2"], cwd=REPO, env=_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  kids, err = _terminate_when(p, lambda kids: len(kids) == 2)
+  assert p.returncode == 143, err[-3000:]
+  assert err.count("interrupted:") == 1 and err.strip().splitlines()[-1] == (
+      f"interrupted: the checkpoints of finished rounds are kept in {w / 'checkpoints'}; rerun the same command to "
+      "resume")
+  assert "Traceback" not in err and "os.fork()" not in err
+  assert not [k for k in kids if _alive(k)]
+
+
+def test_the_launched_marker_is_the_launchers():
+  from mtfl_jax import __main__ as cli
+  assert cli.LAUNCHED_ENV == distributed.LAUNCHER_ENV
