@@ -71,9 +71,10 @@ def reading(what: str, remedy: str = ""):
   except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
     # AttributeError / ValueError: a field of the wrong JSON type (a list where an object was
     # expected, a string where a number was)
-    field = f"field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
-    raise BadFileError(f"{what}: not the layout this version expects ({field} missing or of the wrong "
-                       f"type; written by another version?)" + (f"; {remedy}" if remedy else "")) from e
+    detail = (f"field {e.args[0]!r} missing" if isinstance(e, KeyError) and e.args
+              else f"a field of the wrong type: {type(e).__name__}: {e}")
+    raise BadFileError(f"{what}: not the layout this version expects ({detail}; written by another version?)"
+                       + (f"; {remedy}" if remedy else "")) from e
 
 
 def _describe(path: Path, flag: str | None) -> str:

@@ -375,3 +375,102 @@ def test_sigterm_stops_the_federate_launcher_and_its_processes(tmp_path):
 def test_the_launched_marker_is_the_launchers():
   from mtfl_jax import __main__ as cli
   assert cli.LAUNCHED_ENV == distributed.LAUNCHER_ENV
+
+
+# --------------------------------------------------------------------------- stores and profiles
+@pytest.mark.parametrize("mixes, detail", [
+    ([], "AttributeError: 'list' object has no attribute 'items'"),
+    ({"digits_mlp": 5}, "AttributeError: 'int' object has no attribute 'get'"),  # the key of an older store
+    ({"processes|digits_mlp": 5}, "TypeError: 'int' object is not subscriptable"),
+    ({"processes|digits_mlp": []}, "TypeError: list indices must be integers or slices, not str"),
+])
+def test_a_calibration_store_of_the_wrong_shape_names_the_file(tmp_path, mixes, detail):
+  from mtfl_jax.calibration import load_model
+  from mtfl_jax.results import BadFileError
+  store = tmp_path / "vr.json"
+  store.write_text(json.dumps({"device": "d", "mixes": mixes}))
+  with pytest.raises(BadFileError) as e:
+    load_model(["digits_mlp"], path=store)
+  assert str(e.value) == (f"calibration store {store}: not the layout this version expects (a field of the wrong "
+                          f"type: {detail}; written by another version?); delete it to re-measure (one co-run per "
+                          "task mix)")
+
+
+@pytest.mark.parametrize("profiles", [["x"], 5])
+def test_a_profile_file_of_the_wrong_shape_names_the_file(tmp_path, profiles):
+  from mtfl_jax.profiling import load_profiles
+  from mtfl_jax.results import BadFileError
+  f = tmp_path / "dev.json"
+  f.write_text(json.dumps({"device": "d", "profiles": profiles}))
+  with pytest.raises(BadFileError, match=rf"profile file {f} .*a field of the wrong type: .*; delete it and make "
+                                         r"one with `python -m mtfl_jax profile"):
+    load_profiles(f)
+
+
+def test_bench_federated_reads_a_corrupt_store_before_measuring(tmp_path, capsys, monkeypatch):
+  from mtfl_jax.calibration import store_path
+  monkeypatch.setenv("MTFL_PROFILE_DIR", str(tmp_path))
+  store_path().write_text('{"device": "d", "mixes": {')
+  before = store_path().read_text()
+  t0 = time.perf_counter()
+  err = _cli(capsys, "bench", "federated")
+  assert err.startswith(f"calibration store {store_path()} is not valid JSON") and time.perf_counter() - t0 < 5
+  assert store_path().read_text() == before
+
+
+# --------------------------------------------------------------------------- co-scheduling
+@pytest.mark.parametrize("kw, match", [
+    (dict(steps=True), "steps must be a positive integer, got True"),
+    (dict(steps=10**12), r"steps must be <= 1000000 \(one round's local steps\), got 1000000000000; split the work"),
+    (dict(steps=5, seed=-1), "seed must be an integer between 0 and 4294967295, got -1"),
+    (dict(steps=5, indices=[]), r"indices must be a non-empty 1-D array .* got shape \(0,\)"),
+    (dict(steps=5, indices=[[1, 2]]), r"got shape \(1, 2\), dtype int64, smallest 1"),
+    (dict(steps=5, indices=[3, -1]), r"got shape \(2,\), dtype int64, smallest -1"),
+    (dict(steps=5, indices=[0.5]), r"got shape \(1,\), dtype float64$"),
+])
+def test_bad_job_arguments(kw, match):
+  from mtfl_jax.backends import Job
+  with pytest.raises(ValueError, match="job for task 'digits_mlp': .*" + match):
+    Job("digits_mlp", **kw)
+
+
+def test_job_indices_past_the_data_of_a_task_of_ones_own():
+  from mtfl_jax.backends import Job
+  with pytest.raises(ValueError, match="job for task 't': indices go up to 60 but dataset 'mine' has 60 training"):
+    Job(_task(Y3), 2, indices=[0, 60])
+
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda Job, ob: ob("threads", ["digits_mlp"]), "jobs must be Job values, e.g. Job('digits_mlp', 50), got "
+                                                    "'digits_mlp'"),
+    (lambda Job, ob: ob("threads", Job("digits_mlp", 5)), "jobs must be a list of Job values, e.g. "
+                                                          "[Job('digits_mlp', 50)], got one Job (of task 'digits_mlp')"),
+    (lambda Job, ob: ob("threads", [Job("digits_mlp", 5)], timeout_s=3),
+     "backend 'threads' takes no option timeout_s; its options: slice_s"),
+    (lambda Job, ob: ob("threads", [Job("digits_mlp", 5)], slice_s=-1),
+     "backend 'threads': slice_s must be a finite number of seconds > 0, got -1"),
+    (lambda Job, ob: ob("fused", [Job("digits_mlp", 5)], slice_s=float("inf")),
+     "backend 'fused': slice_s must be a finite number of seconds > 0, got inf"),
+    (lambda Job, ob: ob("processes", [Job("digits_mlp", 5)], timeout_s=float("nan")),
+     "backend 'processes': timeout_s must be a finite number of seconds > 0, got nan"),
+])
+def test_bad_backend_arguments_fail_before_compiling(call, expected):
+  from mtfl_jax.backends import Job, open_backend
+  t0 = time.perf_counter()
+  with pytest.raises(ValueError) as e:
+    call(Job, open_backend)
+  assert str(e.value) == expected and time.perf_counter() - t0 < 2
+
+
+def test_bad_shares_and_round_arguments():
+  from mtfl_jax.backends import Job, open_backend
+  from mtfl_jax.cosched import run_round
+  with pytest.raises(ValueError, match="unknown policy 'nope'; valid policies: sequential, equal"):
+    run_round([Job("digits_mlp", 5)], policy="nope")
+  with pytest.raises(ValueError, match="backend 'threads': slice_s must be a finite number of seconds > 0, got 0"):
+    run_round([Job("digits_mlp", 5)], backend="threads", slice_s=0)
+  with open_backend("sequential", [Job("digits_mlp", 3)]) as r:
+    for shares, match in (({"digits_mlp": True}, "got True"), ({"digits_mlp": float("inf")}, "got inf"),
+                          ({"x": 1.0}, r"shares name task\(s\) \['x'\] with no job here")):
+      with pytest.raises(ValueError, match=match):
+        r.run(shares)

@@ -72,7 +72,8 @@ def check_seconds(name: str, value, backend: str) -> float:
 def check_jobs(jobs: Sequence[Job]) -> list[Job]:
   """``jobs`` as a list, or a ``ValueError``: none, one that is not a :class:`Job`, or a task twice."""
   if isinstance(jobs, (Job, str)) or not hasattr(jobs, "__iter__"):
-    raise ValueError(f"jobs must be a list of Job values, e.g. [Job('digits_mlp', 50)], got {jobs!r}")
+    got = f"one Job (of task '{jobs.name}')" if isinstance(jobs, Job) else repr(jobs)
+    raise ValueError(f"jobs must be a list of Job values, e.g. [Job('digits_mlp', 50)], got {got}")
   jobs = list(jobs)
   if not jobs:
     raise ValueError("no jobs to run")
@@ -132,7 +133,7 @@ def check_shares(jobs: Sequence[Job], shares: Mapping[str, float] | None) -> dic
   if missing:
     raise ValueError(f"no share given for task(s) {missing}")
   for n, v in shares.items():
-    if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
+    if isinstance(v, bool) or not (isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v) and v > 0):
       raise ValueError(f"share of task '{n}' must be a finite number > 0, got {v!r}")
   return {n: float(shares[n]) for n in names}
 
