@@ -184,8 +184,8 @@ def _launch(args, cfg) -> int:
   from mtfl_jax import distributed
   devices = args.devices if args.devices is not None else cfg.devices
   if args.devices_per_process is None and devices is not None and devices % args.processes:  # the config's
-    raise ValueError(f"--devices {devices} does not split evenly over --processes {args.processes}; "
-                     "give a multiple of the process count (or --devices-per-process)")
+    raise ValueError(f"the config file's \"devices\": {devices} does not split evenly over --processes "
+                     f"{args.processes}; give a multiple of the process count (or --devices-per-process)")
   drop = {"--processes", "--devices-per-process", "--devices"}
   keep, skip = [], False
   for a in args.argv:
@@ -252,7 +252,11 @@ def _check_resumable(cfg, workdir: Path) -> None:
 
 def _reproduce(args):
   from mtfl_jax.experiments.reproduce import reproduce
-  reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded, seed=args.seed)
+  if args.from_recorded and (args.full or args.seed is not None):
+    raise ValueError(f"--from-recorded redraws what was measured, so {'--full' if args.full else '--seed'} has no "
+                     "effect there; leave it out (or drop --from-recorded to measure)")
+  reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded,
+            seed=0 if args.seed is None else args.seed)
 
 
 def _interrupted(args) -> str:
@@ -383,7 +387,7 @@ def main(argv=None) -> int:
   mode.add_argument("--full", action="store_true", help="for a GPU and longer runs")
   re_.add_argument("--out", default="results")
   re_.add_argument("--from-recorded", help="redraw from recorded JSON (a results dir or a data/ dir)")
-  re_.add_argument("--seed", type=int, default=0)
+  re_.add_argument("--seed", type=int, help="seed of the measured run (default 0)")
   re_.set_defaults(fn=_reproduce)
 
   dist = _Parser(add_help=False)
@@ -418,6 +422,9 @@ def main(argv=None) -> int:
   if launched and argv is None:
     from mtfl_jax.distributed import die_with_parent
     die_with_parent(int(launched))
+    # A terminal's Ctrl-C reaches every process of its group: the launcher alone reports it and
+    # stops this process (SIGTERM), so that one interrupted: line is printed, not one per process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
     args = p.parse_args(argv)
   except _UsageError as e:

@@ -196,7 +196,7 @@ def test_a_huge_profile_keeps_a_bounded_batch_pool(monkeypatch):
   real = profiling.sample_batches
   monkeypatch.setattr(profiling, "sample_batches", lambda *a: drawn.append(a[4]) or real(*a))
   monkeypatch.setattr(profiling, "device_peak_flops", lambda: 1e9)  # not what this test is about
-  prof = profiling.profile_task("digits_mlp", warmup=0, repeats=70, top_ops=1)
+  prof = profiling.profile_task(_task(Y3), warmup=0, repeats=70, top_ops=1)
   assert drawn == [64] and prof.step_time_s > 0  # 70 steps cycle over 64 batches
 
 
@@ -320,9 +320,10 @@ def _alive(pid: int) -> bool:
     return False
 
 
-def _terminate_when(p: subprocess.Popen, ready, timeout: float = 120) -> tuple[list[int], str]:
-  """Waits until ``ready(children)`` holds, sends SIGTERM, and returns the children seen then and
-  the process's stderr; kills everything left should the test fail."""
+def _terminate_when(p: subprocess.Popen, ready, timeout: float = 120, group_ctrl_c: bool = False):
+  """Waits until ``ready(children)`` holds, sends SIGTERM (or, with ``group_ctrl_c``, SIGINT to
+  the process group, as a terminal's Ctrl-C does), and returns the children seen then and the
+  process's stderr; kills everything left should the test fail."""
   kids = []
   try:
     deadline = time.monotonic() + timeout
@@ -332,7 +333,10 @@ def _terminate_when(p: subprocess.Popen, ready, timeout: float = 120) -> tuple[l
         break
       time.sleep(0.2)
     assert p.poll() is None and ready(kids), p.communicate()[1][-3000:]
-    p.send_signal(signal.SIGTERM)
+    if group_ctrl_c:
+      os.killpg(p.pid, signal.SIGINT)
+    else:
+      p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
   finally:
     for pid in [*kids, p.pid]:
@@ -358,13 +362,17 @@ def test_sigterm_stops_bench_scale_its_point_process_and_removes_its_temp_dir(tm
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists() or distributed.usable_cores() < 2,
                     reason="finds the child processes in /proc; 2 local processes need 2 cores")
-def test_sigterm_stops_the_federate_launcher_and_its_processes(tmp_path):
+@pytest.mark.parametrize("ctrl_c, code", [(False, 143), (True, 130)])
+def test_sigterm_or_ctrl_c_stops_the_federate_launcher_and_its_processes(tmp_path, ctrl_c, code):
   w = tmp_path / "w"
   p = subprocess.Popen([sys.executable, "-m", "mtfl_jax", "federate", "--workdir", str(w), "--tasks", "digits_mlp",
                         "--clients", "4", "--rounds", "1000", "--processes", "2"], cwd=REPO, env=_env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  kids, err = _terminate_when(p, lambda kids: len(kids) == 2)
-  assert p.returncode == 143, err[-3000:]
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  for line in p.stdout:  # process 0's output: both processes joined, the run is under way
+    if line.startswith("federate:"):
+      break
+  kids, err = _terminate_when(p, lambda kids: len(kids) == 2, group_ctrl_c=ctrl_c)
+  assert p.returncode == code, err[-3000:]
   assert err.count("interrupted:") == 1 and err.strip().splitlines()[-1] == (
       f"interrupted: the checkpoints of finished rounds are kept in {w / 'checkpoints'}; rerun the same command to "
       "resume")

@@ -300,7 +300,9 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
     missing = [n for n in EXPERIMENTS if not (src / f"{n}.json").exists()]
     if missing:
       raise FileNotFoundError(f"{src} lacks recorded experiment(s) {missing}; expected files "
-                              + ", ".join(f"{n}.json" for n in EXPERIMENTS) + ("" if src.is_dir() else f" ({src} does not exist)")
+                              + ", ".join(f"{n}.json" for n in EXPERIMENTS)
+                              + ("" if src.is_dir() else f" ({src} is a file, not a directory)" if src.exists()
+                                 else f" ({src} does not exist)")
                               + f"; recorded runs here: {', '.join(map(str, recordings())) or 'none'}")
     for n in EXPERIMENTS:
       raw[n] = read_json(src / f"{n}.json", "recorded experiment", "re-record it (python -m mtfl_jax reproduce --out DIR) or restore it from git (git checkout -- PATH)", fields=("device",))
