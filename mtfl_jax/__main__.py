@@ -433,9 +433,9 @@ def main(argv=None) -> int:
   args.argv = list(sys.argv[1:] if argv is None else argv)
   hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
   _PREVIOUS_HOOK[0] = hook if hook is not _redeliver_swallowed_ctrl_c else sys.__unraisablehook__
-  term, previous_term = _Terminated(), None
+  term, on_term = _Terminated(), False
   if threading.current_thread() is threading.main_thread() and not os.environ.get(LAUNCHED_ENV):
-    previous_term = signal.signal(signal.SIGTERM, term)
+    previous_int, previous_term, on_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, term), True
   try:
     code = args.fn(args)
     if isinstance(code, int) and code:
@@ -444,7 +444,7 @@ def main(argv=None) -> int:
     # A second Ctrl-C (or SIGTERM) while the message is printed and the interpreter shuts down
     # would end the process by the signal instead of the documented exit code.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if previous_term is not None:
+    if on_term:
       signal.signal(signal.SIGTERM, _ignore)
     print(f"\n{_interrupted(args)}", file=sys.stderr)
     return 143 if term.received else 130
@@ -455,8 +455,10 @@ def main(argv=None) -> int:
     raise
   finally:
     sys.unraisablehook = hook
-    if previous_term is not None:
-      signal.signal(signal.SIGTERM, previous_term)
+    if on_term and argv is not None:  # called from Python (a test, a notebook): its handlers back
+      # (None: a handler not set from Python, which cannot be put back: the default)
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+      signal.signal(signal.SIGINT, signal.default_int_handler if previous_int is None else previous_int)
   return 0
 
 

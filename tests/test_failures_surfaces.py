@@ -216,7 +216,7 @@ def test_reproduce_into_another_runs_out_refuses_before_measuring(tmp_path, caps
   t0 = time.perf_counter()  # the first experiment (workloads) is not measured first
   assert _cli(capsys, "reproduce", "--out", str(tmp_path / "r")) == (
       f"{raw / 'federated.json'} holds a 'full' run with seed 0; use another --out for mode 'quick', seed 0 "
-      "(nothing was measured or overwritten)")
+      "(nothing was overwritten, nor measured)")
   assert time.perf_counter() - t0 < 5
   assert sorted(p.name for p in raw.iterdir()) == ["federated.json"] and (raw / "federated.json").read_text() == before
 
@@ -482,3 +482,9 @@ def test_bad_shares_and_round_arguments():
                           ({"x": 1.0}, r"shares name task\(s\) \['x'\] with no job here")):
       with pytest.raises(ValueError, match=match):
         r.run(shares)
+
+
+def test_main_called_from_python_gives_back_the_callers_signal_handlers(capsys):
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  assert main(["profile", "--tasks", "nope"]) == 2  # ran past the point where main installs its handler
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

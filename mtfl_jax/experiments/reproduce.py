@@ -264,7 +264,7 @@ def _finished_experiments(raw_dir: Path, mode: str, seed: int) -> dict:
                     fields=("device",))
     if doc.get("repro_mode") != mode or doc.get("seed") != seed:
       raise FileExistsError(f"{path} holds a '{doc.get('repro_mode')}' run with seed {doc.get('seed')}; use another "
-                            f"--out for mode '{mode}', seed {seed} (nothing was measured or overwritten)")
+                            f"--out for mode '{mode}', seed {seed} (nothing was overwritten, nor measured)")
     done[n] = doc
   return done
 
