@@ -1,7 +1,9 @@
 """Command line: ``python -m mtfl_jax {profile,download,bench,federate,reproduce} ...``.
 
-Errors the user can act on end in one ``error: ...`` line and exit code 2; Ctrl-C ends in one
-``interrupted: ...`` line saying what was kept and how to resume, and exit code 130.
+Errors the user can act on end in one ``error: ...`` line and exit code 2, before any work;
+Ctrl-C ends in one ``interrupted: ...`` line saying what was kept and how to resume, and exit
+code 130. SIGTERM (``kill PID``, a job scheduler's stop) ends a command as Ctrl-C does (the same
+line; exit code 143): the processes it started are stopped and its temporary files removed.
 """
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import argparse
 import errno
 import signal
 import sys
+import threading
 from pathlib import Path
 
 
 def _profile(args):
-  from mtfl_jax.profiling import default_profile_path, load_profiles, profile_table, profile_tasks, save_profiles
+  from mtfl_jax.profiling import (check_repeats, default_profile_path, load_profiles, profile_table, profile_tasks,
+                                  save_profiles)
   from mtfl_jax.results import check_writable, write_json
   from mtfl_jax.tasks import get_tasks
+  check_repeats(args.repeats, "--repeats")
   tasks = get_tasks(args.tasks)
   if args.json:
     check_writable(args.json, "--json")
@@ -41,6 +46,9 @@ def _bench(args):
   from mtfl_jax.results import check_writable
   if args.json:
     check_writable(args.json, "--json")
+  if args.which == "federated":
+    from mtfl_jax.calibration import read_store
+    read_store()  # a corrupt calibration store is reported now, not after minutes of measuring
   if args.which == "cosched":
     from mtfl_jax.experiments.bench_cosched import bench_cosched
     bench_cosched(quick=not args.full, json_path=args.json)
@@ -74,7 +82,8 @@ def _federate_config(args):
            "eval_every": args.eval_every, "simulator": args.simulator}
   cfg = {**base, **{k: v for k, v in flags.items() if v is not None}}
   if isinstance(cfg.get("tasks"), str):
-    cfg["tasks"] = tuple(t for t in cfg["tasks"].split(",") if t)
+    from mtfl_jax.tasks import parse_task_names
+    cfg["tasks"] = parse_task_names(cfg["tasks"])
   if cfg.get("alpha") == 0:
     cfg["alpha"] = None  # --alpha 0: no label skew
   cfg.setdefault("simulator", "sharded")
@@ -85,19 +94,69 @@ def _federate_config(args):
   return FedConfig(**cfg)
 
 
+def _check_run_flags(args) -> None:
+  """The devices-and-processes flags of ``federate``, alone and together, before anything runs:
+  a flag that would be ignored, or that contradicts another, is an error naming both."""
+  from mtfl_jax import distributed
+
+  def within(name, lo, hi=None, why=""):
+    v = getattr(args, name.replace("-", "_"))
+    if v is None:
+      return
+    if v < lo:
+      raise ValueError(f"--{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+      raise ValueError(f"--{name} must be <= {hi}, got {v}{why}")
+  within("processes", 1, distributed.MAX_PROCESSES)
+  within("process-id", 0)
+  within("join-timeout", 1, distributed.MAX_JOIN_TIMEOUT_S,
+         " (seconds; a process that stops answering is noticed only after this long)")
+  many = " (JAX builds every CPU device when it starts)"
+  within("devices", 1, distributed.MAX_CPU_DEVICES, many)
+  within("devices-per-process", 1, distributed.MAX_CPU_DEVICES, many)
+  n, pid = args.processes, args.process_id
+  coordinator = args.coordinator or os.environ.get("MTFL_COORDINATOR")
+  if pid is None:
+    if args.coordinator:
+      raise ValueError("--coordinator is for a process started by hand: give its --process-id too (or leave "
+                       "--coordinator out: --processes N alone starts N local processes on a port of its own)")
+    if n == 1 and args.devices_per_process is not None:
+      raise ValueError("--devices-per-process is for runs of several processes; in one process give --devices")
+    cores = distributed.usable_cores()
+    if n > cores:
+      raise ValueError(f"--processes {n}: each local process needs a core of its own, and this process may use "
+                       f"{cores}; give --processes <= {cores}, or start the processes on several hosts by hand "
+                       "(--process-id, --coordinator)")
+  else:
+    if pid >= n:
+      raise ValueError(f"--process-id {pid} is not below --processes {n}: process ids run 0..{n - 1}")
+    if n > 1:
+      if not coordinator:
+        raise ValueError(f"process {pid} of {n} needs --coordinator HOST:PORT, the address of process 0 "
+                         "(or the environment variable MTFL_COORDINATOR)")
+      distributed.check_address(coordinator)
+  if args.devices is not None:
+    per = args.devices_per_process
+    if per is not None and per * n != args.devices:
+      raise ValueError(f"--devices {args.devices} and --devices-per-process {per} disagree for --processes {n} "
+                       f"({per} x {n} = {per * n}); give one of them")
+    if per is None and args.devices % n:
+      raise ValueError(f"--devices {args.devices} does not split evenly over --processes {n}; give a multiple of "
+                       "the process count (or --devices-per-process)")
+
+
 def _join(args, cfg) -> bool:
   """Sets up devices and processes before any JAX computation; False: this process only
   launches the local processes (``--processes N`` without ``--process-id``)."""
   from mtfl_jax import distributed
-  for name in ("processes", "join_timeout"):
-    v = getattr(args, name)
-    if v < 1:
-      raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
   if args.processes > 1 and args.process_id is None:
     return False
   if args.process_id is not None:
-    if args.devices_per_process is not None:  # else JAX's own count (a process started by hand)
-      distributed.use_cpu_devices(args.devices_per_process)
+    per = args.devices_per_process
+    if per is None and args.devices is not None:
+      per = args.devices // args.processes
+    if per is not None:  # else JAX's own count (a process started by hand)
+      distributed.use_cpu_devices(per)
     distributed.initialize(args.coordinator, args.processes, args.process_id, timeout_s=args.join_timeout)
   elif cfg.devices is not None:  # --devices or the config file's "devices"
     distributed.use_cpu_devices(cfg.devices)
@@ -124,9 +183,9 @@ def _launch(args, cfg) -> int:
   from mtfl_jax.clock import inputs_json
   from mtfl_jax.results import write_json
   devices = args.devices if args.devices is not None else cfg.devices
-  if args.devices_per_process is None and devices is not None and devices % args.processes:
-    raise ValueError(f"--devices {devices} does not split evenly over --processes {args.processes}; "
-                     "give a multiple of the process count (or --devices-per-process)")
+  if args.devices_per_process is None and devices is not None and devices % args.processes:  # the config's
+    raise ValueError(f"the config file's \"devices\": {devices} does not split evenly over --processes "
+                     f"{args.processes}; give a multiple of the process count (or --devices-per-process)")
   drop = {"--processes", "--devices-per-process", "--devices"}
   keep, skip = [], False
   for a in args.argv:
@@ -152,6 +211,7 @@ def _launch(args, cfg) -> int:
 
 def _federate(args):
   from mtfl_jax.results import check_writable
+  _check_run_flags(args)
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
   _check_resumable(cfg, Path(args.workdir))
@@ -191,9 +251,11 @@ def _check_resumable(cfg, workdir: Path) -> None:
 
 def _reproduce(args):
   from mtfl_jax.experiments.reproduce import reproduce
-  from mtfl_jax.results import check_writable
-  check_writable(args.out, "--out", directory=True)
-  reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded, seed=args.seed)
+  if args.from_recorded and (args.full or args.seed is not None):
+    raise ValueError(f"--from-recorded redraws what was measured, so {'--full' if args.full else '--seed'} has no "
+                     "effect there; leave it out (or drop --from-recorded to measure)")
+  reproduce(out=args.out, quick=not args.full, from_recorded=args.from_recorded,
+            seed=0 if args.seed is None else args.seed)
 
 
 def _interrupted(args) -> str:
@@ -240,6 +302,41 @@ _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 _PREVIOUS_HOOK = [sys.unraisablehook]
+# Set (to its pid) by the launcher, distributed.launch_local, in the processes it starts: they die
+# with it, keep SIGTERM's default action (end at once, even inside a collective), and leave
+# reporting the run's end to it.
+LAUNCHED_ENV = "MTFL_LAUNCHED"  # distributed.LAUNCHER_ENV (not imported here: it imports JAX)
+
+
+class _UsageError(Exception):
+  """A command line argparse refuses (unknown flag, value of the wrong type, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, with the CLI's one-line ``error: ...`` (argparse's own prints the usage first)."""
+
+  def error(self, message):
+    raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _Terminated:
+  """SIGTERM ends a command as Ctrl-C does: the handler raises ``KeyboardInterrupt`` in the main
+  thread, so every ``finally`` and ``with`` runs (child processes stopped, temporary folders
+  removed) and the same ``interrupted:`` line is printed. A second SIGTERM while that clean-up
+  runs is ignored (a supervisor that insists sends SIGKILL)."""
+
+  def __init__(self):
+    self.received = False
+
+  def __call__(self, signum, frame):
+    if self.received:
+      return
+    self.received = True
+    raise KeyboardInterrupt
+
+
+def _ignore(signum, frame):
+  """A handler that does nothing (unlike SIG_IGN, not inherited by processes started later)."""
 
 
 def _redeliver_swallowed_ctrl_c(unraisable):
@@ -260,7 +357,7 @@ def _redeliver_swallowed_ctrl_c(unraisable):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m mtfl_jax", description=__doc__)
+  p = _Parser(prog="python -m mtfl_jax", description=__doc__)
   sub = p.add_subparsers(dest="cmd", required=True)
 
   pr = sub.add_parser("profile", help="solo profiles of tasks on this device")
@@ -289,10 +386,10 @@ def main(argv=None) -> int:
   mode.add_argument("--full", action="store_true", help="for a GPU and longer runs")
   re_.add_argument("--out", default="results")
   re_.add_argument("--from-recorded", help="redraw from recorded JSON (a results dir or a data/ dir)")
-  re_.add_argument("--seed", type=int, default=0)
+  re_.add_argument("--seed", type=int, help="seed of the measured run (default 0)")
   re_.set_defaults(fn=_reproduce)
 
-  dist = argparse.ArgumentParser(add_help=False)
+  dist = _Parser(add_help=False)
   g = dist.add_argument_group("devices and processes")
   g.add_argument("--devices", type=int, help="devices for the clients mesh (on a CPU: that many CPU devices)")
   g.add_argument("--processes", type=int, default=1, help="processes joined by jax.distributed; "
@@ -322,20 +419,36 @@ def main(argv=None) -> int:
                   "when tensorboardX is installed")
   fe.set_defaults(fn=_federate)
 
-  args = p.parse_args(argv)
+  launched = os.environ.get(LAUNCHED_ENV)
+  if launched and argv is None:
+    from mtfl_jax.distributed import die_with_parent
+    die_with_parent(int(launched))
+    # A terminal's Ctrl-C reaches every process of its group: the launcher alone reports it and
+    # stops this process (SIGTERM), so that one interrupted: line is printed, not one per process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    args = p.parse_args(argv)
+  except _UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   args.argv = list(sys.argv[1:] if argv is None else argv)
   hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
   _PREVIOUS_HOOK[0] = hook if hook is not _redeliver_swallowed_ctrl_c else sys.__unraisablehook__
+  term, on_term = _Terminated(), False
+  if threading.current_thread() is threading.main_thread() and not os.environ.get(LAUNCHED_ENV):
+    previous_int, previous_term, on_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, term), True
   try:
     code = args.fn(args)
     if isinstance(code, int) and code:
       return code
   except KeyboardInterrupt:
-    # A second Ctrl-C while the message is printed and the interpreter shuts down would end
-    # the process by SIGINT instead of the documented exit code 130.
+    # A second Ctrl-C (or SIGTERM) while the message is printed and the interpreter shuts down
+    # would end the process by the signal instead of the documented exit code.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if on_term:
+      signal.signal(signal.SIGTERM, _ignore)
     print(f"\n{_interrupted(args)}", file=sys.stderr)
-    return 130
+    return 143 if term.received else 130
   except Exception as e:  # noqa: BLE001 - sorted below: user errors in one line, bugs re-raised
     if isinstance(e, _user_errors()) or (isinstance(e, OSError) and e.errno in _DISK_ERRNOS):
       print(f"error: {e}", file=sys.stderr)
@@ -343,6 +456,10 @@ def main(argv=None) -> int:
     raise
   finally:
     sys.unraisablehook = hook
+    if on_term and argv is not None:  # called from Python (a test, a notebook): its handlers back
+      # (None: a handler not set from Python, which cannot be put back: the default)
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
+      signal.signal(signal.SIGINT, signal.default_int_handler if previous_int is None else previous_int)
   return 0
 
 

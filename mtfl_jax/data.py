@@ -77,6 +77,29 @@ def dataset_spec(name: str) -> DatasetSpec:
   return DatasetSpec(*SHAPES[name], NUM_CLASSES[name])
 
 
+def _sample_array(dataset: str, field: str, value) -> np.ndarray:
+  """``np.asarray(value)``, or, for a list of samples of different shapes (which numpy
+  refuses with "inhomogeneous shape"), a ``ValueError`` naming the first odd sample."""
+  try:
+    return np.asarray(value)
+  except ValueError:
+    if not isinstance(value, (list, tuple)):
+      raise
+  shapes = []
+  for i, sample in enumerate(value):
+    try:
+      shapes.append(np.shape(sample))
+    except ValueError:  # ragged inside the sample itself
+      raise ValueError(f"dataset {dataset!r}: {field}[{i}] is itself ragged (its rows differ in length); every "
+                       "sample must be an array of one shape (resize or pad the samples to one shape)") from None
+    if shapes[-1] != shapes[0]:
+      raise ValueError(f"dataset {dataset!r}: the samples of {field} differ in shape: {field}[{i}] has shape "
+                       f"{shapes[-1]} but {field}[0] has {shapes[0]}; resize or pad every sample to one shape "
+                       "(e.g. crop or resize images) before Dataset.from_arrays") from None
+  raise ValueError(f"dataset {dataset!r}: {field} cannot be read as one array; give a numpy array "
+                   "of shape (samples, ...)")  # pragma: no cover - numpy refused it for another reason
+
+
 # Datasets whose arrays passed Dataset.from_arrays' checks (by identity).
 _CHECKED: "weakref.WeakSet[Dataset]" = weakref.WeakSet()
 
@@ -99,29 +122,38 @@ class Dataset:
   def from_arrays(cls, name: str, x_train, y_train, x_test=None, y_test=None,
                   num_classes: int | None = None) -> "Dataset":
     """A dataset from in-memory arrays, checked: non-empty, matching lengths and per-sample
-    shapes, finite inputs, integer labels in ``[0, num_classes)``. ``num_classes`` defaults
-    to the largest label + 1. Without a test split, ``evaluate`` needs explicit arrays.
+    shapes, finite inputs, integer labels (class ids, not one-hot rows) in ``[0, num_classes)``.
+    ``num_classes`` defaults to the largest label + 1.
+
+    The test split (``x_test``, ``y_test``) is what a task is evaluated on: a federated run and
+    :func:`~mtfl_jax.train.evaluate` need one. A dataset without one can still be trained and
+    profiled; to evaluate, build it with both splits:
+    ``Dataset.from_arrays(name, x_train, y_train, x_test, y_test)``.
 
     Example::
 
         ds = Dataset.from_arrays("blobs", x[:800], y[:800], x[800:], y[800:])
         ds.spec   # DatasetSpec(input_shape=(2,), label_shape=(), num_classes=3)
     """
+    if not (isinstance(name, str) and name.strip()):
+      raise ValueError(f"a dataset's name must be a non-empty string, got {name!r}")
+
     def bad(why):
       return ValueError(f"dataset '{name}': {why}")
 
     if (x_test is None) != (y_test is None):
       raise bad("pass both x_test and y_test, or neither")
-    x_train, y_train = np.asarray(x_train), np.asarray(y_train)
-    x_test = x_train[:0] if x_test is None else np.asarray(x_test)
-    y_test = y_train[:0] if y_test is None else np.asarray(y_test)
+    x_train, y_train = _sample_array(name, "x_train", x_train), _sample_array(name, "y_train", y_train)
+    x_test = x_train[:0] if x_test is None else _sample_array(name, "x_test", x_test)
+    y_test = y_train[:0] if y_test is None else _sample_array(name, "y_test", y_test)
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
       if x.ndim == 0 or y.ndim == 0:
         raise bad(f"x_{split} and y_{split} must be arrays with a leading sample axis")
       if len(x) != len(y):
         raise bad(f"x_{split} has {len(x)} samples but y_{split} has {len(y)}; they must match")
-      if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise bad(f"x_{split} must be numeric, got dtype {x.dtype}")
+      if not ((np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating))
+              or x.dtype == np.bool_):
+        raise bad(f"x_{split} must hold real numbers, got dtype {x.dtype}")
       if not np.isfinite(x.astype(np.float32)).all():
         raise bad(f"x_{split} holds non-finite values (NaN or inf); clean or impute them first")
       if not np.issubdtype(y.dtype, np.integer):
@@ -134,11 +166,15 @@ class Dataset:
                 f"{x_train.shape[1:]}/{y_train.shape[1:]}; they must match")
     y_all = np.concatenate([y_train.reshape(-1), y_test.reshape(-1)])
     if y_all.min() < 0:
-      raise bad(f"labels must be >= 0, found {int(y_all.min())}")
+      raise bad(f"labels must be >= 0 (class ids 0..K-1), found {int(y_all.min())}")
     top = int(y_all.max()) + 1
+    if top > np.iinfo(np.int32).max:
+      raise bad(f"labels must be class ids 0..num_classes-1, found {top - 1} (ids, not class numbers?); "
+                "map them to 0..K-1, e.g. np.unique(y, return_inverse=True)[1]")
     num_classes = top if num_classes is None else num_classes
-    if not (isinstance(num_classes, (int, np.integer)) and num_classes >= top):
-      raise bad(f"num_classes={num_classes!r} but labels go up to {top - 1}")
+    if isinstance(num_classes, bool) or not (isinstance(num_classes, (int, np.integer)) and num_classes >= top):
+      raise bad(f"num_classes={num_classes!r} but labels go up to {top - 1}; give an integer num_classes >= {top} "
+                "(or leave it out: the largest label + 1)")
     ds = cls(name, x_train.astype(np.float32), y_train.astype(np.int32), x_test.astype(np.float32),
              y_test.astype(np.int32), int(num_classes))
     _CHECKED.add(ds)
@@ -156,6 +192,14 @@ class Dataset:
   @property
   def spec(self) -> DatasetSpec:
     return DatasetSpec(tuple(self.x_train.shape[1:]), tuple(self.y_train.shape[1:]), self.num_classes)
+
+  def require_test_split(self, why: str) -> "Dataset":
+    """This dataset, or a ``ValueError`` saying how to give it a test split, which ``why`` (e.g.
+    "task 'mine' is evaluated in a federated run") needs."""
+    if len(self.x_test) == 0:
+      raise ValueError(f"dataset {self.name!r} has no test split, and {why}; build the dataset with one: "
+                       f"Dataset.from_arrays({self.name!r}, x_train, y_train, x_test, y_test)")
+    return self
 
   @property
   def source(self) -> str:

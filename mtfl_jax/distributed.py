@@ -33,6 +33,11 @@ from typing import Sequence
 import jax
 
 ENV = ("MTFL_COORDINATOR", "MTFL_NUM_PROCESSES", "MTFL_PROCESS_ID")
+# Bounds of the command line's flags: past them a run would not start in any useful time (JAX
+# builds every CPU device up front; a join timeout is also how long a dead process goes unnoticed).
+MAX_CPU_DEVICES = 1024
+MAX_PROCESSES = 4096
+MAX_JOIN_TIMEOUT_S = 3600
 
 
 class DistributedError(RuntimeError):
@@ -48,8 +53,8 @@ def use_cpu_devices(n: int) -> None:
   """Makes JAX's CPU backend hold ``n`` devices. Must run before JAX starts its backend (the
   first computation, or ``jax.devices()``); afterwards it only checks, and a different count
   is a ``ValueError`` saying how to set it earlier."""
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"the number of devices must be an integer >= 1, got {n!r}")
+  if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CPU_DEVICES:
+    raise ValueError(f"the number of CPU devices must be an integer between 1 and {MAX_CPU_DEVICES}, got {n!r}")
   if _backend_started():
     have = len(jax.local_devices(backend="cpu"))
     if have != n and jax.default_backend() == "cpu":
@@ -60,11 +65,59 @@ def use_cpu_devices(n: int) -> None:
   jax.config.update("jax_num_cpu_devices", n)
 
 
-def _check_address(coordinator: str) -> tuple[str, int]:
+def check_address(coordinator: str) -> tuple[str, int]:
+  """``(host, port)`` of a ``HOST:PORT`` coordinator address, or a ``ValueError`` saying the form."""
   m = re.fullmatch(r"\[?([^\]]+?)\]?:(\d+)", str(coordinator or ""))
   if not m or not 0 < int(m.group(2)) < 65536:
-    raise ValueError(f"coordinator address must be HOST:PORT (e.g. 10.0.0.1:1234), got {coordinator!r}")
+    raise ValueError(f"the coordinator address (--coordinator) must be HOST:PORT with a port in 1..65535 "
+                     f"(e.g. 10.0.0.1:1234), got {coordinator!r}")
   return m.group(1), int(m.group(2))
+
+
+def usable_cores() -> int:
+  """Cores this process may run on (its affinity), which local processes are pinned to."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _coordinator_answers(coordinator: str, timeout_s: float = 3.0) -> str | None:
+  """None when a TCP connection to the coordinator's port opens, else why not."""
+  host, port = check_address(coordinator)
+  try:
+    with socket.create_connection((host, port), timeout=timeout_s):
+      return None
+  except OSError as e:
+    return str(e.strerror or e) if not isinstance(e, socket.timeout) else f"no answer within {timeout_s:g} s"
+
+
+def join_failure(process_id: int, num_processes: int, coordinator: str, timeout_s: float,
+                 coordinator_answers: str | None = None) -> str:
+  """What a process that could not join within ``timeout_s`` tells its user: who never joined,
+  as far as this process can tell, and what to check. ``coordinator_answers`` (processes other
+  than 0): None when process 0's port accepts connections, else why not."""
+  n, i = num_processes, process_id
+  head = f"process {i} of {n}" + (" (this process, which coordinates the run)" if i == 0 else "")
+  failed = f"{head} could not join the run coordinated at {coordinator} within {timeout_s:g}s"
+  start = (f"each process runs: python -m mtfl_jax federate ... --processes {n} --process-id I "
+           f"--coordinator {coordinator}")
+  if i == 0:
+    missing = "process 1" if n == 2 else f"at least one of processes 1..{n - 1} (JAX does not say which)"
+    return (f"{failed}: {missing} never joined. Check that every other process was started with the same "
+            f"--processes {n}, --coordinator {coordinator} and its own --process-id, that it can reach port "
+            f"{check_address(coordinator)[1]} of this host by that address (a firewall?), and that it started "
+            f"within --join-timeout (raise it if the others start later); {start}")
+  if coordinator_answers is not None:
+    return (f"{failed}: the coordinator does not answer there ({coordinator_answers}). Check that process 0 runs "
+            f"on that host (--process-id 0 --coordinator {coordinator}), that its port is reachable from this "
+            f"host (a firewall?), and that every process was given the same --processes")
+  others = [j for j in range(1, n) if j != i]
+  if not others:
+    return (f"{failed}: process 0 answers there, but the run did not form. Check that every process was started "
+            f"with the same --processes {n} (process 0 may expect more) and that {coordinator} is the address "
+            "of process 0, not of another program")
+  missing = f"process {others[0]}" if len(others) == 1 else "one of processes " + ", ".join(map(str, others))
+  return (f"{failed}: process 0 answers there, but {missing} never joined. Check that every process was started "
+          f"with the same --processes {n} and its own --process-id, and that it started within --join-timeout "
+          f"(raise it if some start later); {start}")
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -83,10 +136,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   num_processes = int(num_processes if num_processes is not None else os.environ.get("MTFL_NUM_PROCESSES", 1))
   process_id = int(process_id if process_id is not None else os.environ.get("MTFL_PROCESS_ID", 0))
   if num_processes < 1 or not 0 <= process_id < num_processes:
-    raise ValueError(f"process id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
+    raise ValueError(f"the process id (--process-id) must be in 0..{num_processes - 1} for {num_processes} "
+                     f"processes (--processes), got {process_id}")
   if num_processes == 1:
     return
-  _check_address(coordinator)
+  check_address(coordinator)
+  if not isinstance(timeout_s, (int, float)) or not 1 <= timeout_s <= MAX_JOIN_TIMEOUT_S:
+    raise ValueError(f"the join timeout (--join-timeout) must be between 1 and {MAX_JOIN_TIMEOUT_S} seconds, "
+                     f"got {timeout_s!r}")
   if _backend_started():
     raise ValueError("JAX already started its backend in this process; join the multi-process run "
                      "(mtfl_jax.distributed.initialize) before any JAX computation")
@@ -96,12 +153,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             "--processes, and that the port is reachable")
   # JAX ends a process whose join fails (coordinator unreachable, a process missing) with a
   # fatal C++ error (SIGABRT and a stack dump) when its own timeout expires, never raising: this
-  # watchdog ends it first, with one line and exit code 2 (the CLI's code for a user error).
+  # watchdog ends it first, with one line and exit code 2 (the CLI's code for a user error). Every
+  # process blocks in the join until all have arrived, and JAX cannot be asked who has: process 0
+  # knows the others are missing, another process learns whether process 0 answers by connecting.
   joined = threading.Event()
 
   def watchdog():
     if not joined.wait(timeout_s):
-      print(f"error: {failed}. {remedy}", file=sys.stderr, flush=True)
+      answers = None if process_id == 0 else _coordinator_answers(coordinator)
+      print(f"error: {join_failure(process_id, num_processes, coordinator, timeout_s, answers)}",
+            file=sys.stderr, flush=True)
       os._exit(2)
   threading.Thread(target=watchdog, daemon=True, name="mtfl-join-watchdog").start()
   try:  # JAX's preemption service catches SIGTERM: the launcher could not stop a process at once
@@ -172,13 +233,14 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
   only if they fail. If any process exits with an error, the others are stopped (at once) and a
   :class:`DistributedError` names it and shows the end of its output. Ctrl-C or SIGTERM to
   this process stops them all, and they die with it if it is killed (Linux: parent-death
-  signal). ``env`` adds environment variables for every process."""
+  signal, :func:`die_with_parent`). ``env`` adds environment variables for every process."""
   if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
     raise ValueError(f"--processes must be an integer >= 1, got {num_processes!r}")
   if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
     raise ValueError(f"--join-timeout must be an integer >= 1 (seconds), got {timeout_s!r}")
   coord = f"127.0.0.1:{free_port()}"
-  base = child_environ(env)
+  # each process dies with this one, and keeps SIGTERM's default action (see __main__)
+  base = {**child_environ(env), LAUNCHER_ENV: str(os.getpid())}
   procs, tails = [], []
   for i in range(num_processes):
     cmd = [sys.executable, "-m", "mtfl_jax", *args, "--processes", str(num_processes), "--process-id", str(i),
@@ -187,14 +249,15 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
     out = None if i == 0 else subprocess.PIPE
     cores = core_share(i, num_processes)
     env = {**base, "MTFL_CPU_CORES": ",".join(map(str, cores))} if cores else base
-    procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if i else None, text=True,
-                                  preexec_fn=_die_with_parent))
+    procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if i else None, text=True))
     tails.append([])
   for i, p in enumerate(procs[1:], 1):  # keep the others' pipes drained (their last lines kept)
     threading.Thread(target=_drain, args=(p.stdout, tails[i]), daemon=True).start()
   def on_term(signum, frame):  # SIGTERM to the launcher: stop the run as Ctrl-C does
     raise KeyboardInterrupt
-  previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+  # (the command line's own handler, when there is one, does the same and sets the exit code)
+  previous = (signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) else None)
   done_at, stragglers = None, False
   try:
     while True:
@@ -233,14 +296,23 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
   return procs[0].returncode
 
 
-def _die_with_parent() -> None:
-  """In a launched process, before it runs: die when the launcher dies (Linux), so that a
-  killed launcher leaves no process behind."""
+LAUNCHER_ENV = "MTFL_LAUNCHED"  # in a launched process: the launcher's pid
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+  """First thing in a launched process: end (SIGTERM) when the launcher ends (Linux), so that a
+  launcher killed outright (SIGKILL runs none of its handlers) leaves no process behind; with
+  ``parent_pid``, a launcher that already died before this call ends this process at once.
+
+  Called by the launched process itself rather than as ``Popen(preexec_fn=...)``: Python code
+  between fork and exec of a multi-threaded process (JAX's) can deadlock, and JAX warns of it."""
   try:
     import ctypes
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):  # not Linux: the launcher's own handlers still stop them
     pass
+  if parent_pid is not None and os.getppid() != parent_pid:
+    os._exit(1)
 
 
 def _drain(stream, keep: list) -> None:

@@ -171,6 +171,18 @@ class TaskProfile:
     return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+MAX_REPEATS = 10_000  # timed steps of a profile at most (a long step takes seconds)
+_BATCH_POOL = 64  # distinct batches a profile draws; the timed steps cycle over them
+
+
+def check_repeats(repeats, flag: str = "repeats", warmup: int = 0) -> None:
+  """A ``ValueError`` unless ``repeats`` is an integer in ``1..MAX_REPEATS`` (and ``warmup`` >= 0)."""
+  if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or not 1 <= repeats <= MAX_REPEATS:
+    raise ValueError(f"{flag} must be an integer between 1 and {MAX_REPEATS} (timed steps per task), got {repeats!r}")
+  if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or not 0 <= warmup <= MAX_REPEATS:
+    raise ValueError(f"warmup must be an integer between 0 and {MAX_REPEATS}, got {warmup!r}")
+
+
 def profile_task(task: str | Task, *, warmup: int = 3, repeats: int = 20, seed: int = 0,
                  allow_synthetic: bool = True, top_ops: int = 8) -> TaskProfile:
   """Profiles one train step of ``task`` alone on the default device.
@@ -179,14 +191,15 @@ def profile_task(task: str | Task, *, warmup: int = 3, repeats: int = 20, seed: 
   shapes (``allow_synthetic``), and the profile's ``data`` field says so. ``task`` is a
   registered name or any :class:`Task`, e.g. one of your own.
   """
+  check_repeats(repeats, warmup=warmup)
   task = get_task(task).check()
-  if warmup < 0 or repeats < 1:
-    raise ValueError(f"need warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
   ds = task.load_data(allow_synthetic=allow_synthetic)
   step = make_train_step(task)
   state = init_state(task, seed)
-  batches = sample_batches(ds.x_train, ds.y_train, np.arange(len(ds.x_train)), task.batch_size,
-                           warmup + repeats, seed)
+  # at most _BATCH_POOL batches on the device, whatever the repeats (a step's time does not
+  # depend on which samples it sees); the first _BATCH_POOL steps see the same batches as before
+  pool = min(warmup + repeats, _BATCH_POOL)
+  batches = sample_batches(ds.x_train, ds.y_train, np.arange(len(ds.x_train)), task.batch_size, pool, seed)
   batches = jax.device_put(batches)
   first = jax.tree.map(lambda b: b[0], batches)
 
@@ -197,7 +210,7 @@ def profile_task(task: str | Task, *, warmup: int = 3, repeats: int = 20, seed: 
 
   times = []
   for i in range(warmup + repeats):
-    batch = jax.tree.map(lambda b: b[i], batches)
+    batch = jax.tree.map(lambda b: b[i % pool], batches)
     jax.block_until_ready(batch)
     t0 = time.perf_counter()
     state, _ = compiled(state, batch)

@@ -61,14 +61,20 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", remedy: str = ""
 
 @contextlib.contextmanager
 def reading(what: str, remedy: str = ""):
-  """Turns a ``KeyError``/``TypeError``/``IndexError`` raised while interpreting loaded
-  documents (``what``: which files) into a :class:`BadFileError` naming them and the field."""
+  """Turns a ``KeyError``/``TypeError``/``IndexError``/``AttributeError``/``ValueError`` raised
+  while interpreting loaded documents (``what``: which files) into a :class:`BadFileError`
+  naming them and the field."""
   try:
     yield
-  except (KeyError, IndexError, TypeError) as e:
-    field = f"field {e.args[0]!r}" if isinstance(e, KeyError) and e.args else f"{type(e).__name__}: {e}"
-    raise BadFileError(f"{what}: not the layout this version expects ({field} missing or of the wrong "
-                       f"type; written by another version?)" + (f"; {remedy}" if remedy else "")) from e
+  except BadFileError:
+    raise
+  except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+    # AttributeError / ValueError: a field of the wrong JSON type (a list where an object was
+    # expected, a string where a number was)
+    detail = (f"field {e.args[0]!r} missing" if isinstance(e, KeyError) and e.args
+              else f"a field of the wrong type: {type(e).__name__}: {e}")
+    raise BadFileError(f"{what}: not the layout this version expects ({detail}; written by another version?)"
+                       + (f"; {remedy}" if remedy else "")) from e
 
 
 def _describe(path: Path, flag: str | None) -> str:

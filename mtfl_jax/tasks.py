@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import weakref
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -31,6 +32,13 @@ from mtfl_jax import models
 from mtfl_jax.data import Dataset, DatasetSpec, dataset_spec, load_dataset
 
 KINDS = ("classification", "segmentation")
+MAX_BATCH_BYTES = 2**30  # one batch's float32 inputs at most (Task.batch_size is bounded by it)
+
+
+def _real(v) -> bool:
+  """A finite real number (not a bool, a string or NaN)."""
+  return (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+          and math.isfinite(v))
 
 
 # --------------------------------------------------------------------------- loss and metrics
@@ -169,6 +177,10 @@ class Task:
     setattr_ = lambda k, v: object.__setattr__(self, k, v)
     if not (isinstance(self.name, str) and self.name):
       raise ValueError(f"a task's name must be a non-empty string, got {self.name!r}")
+    if "," in self.name or self.name != self.name.strip():
+      # task lists are comma-separated (--tasks a,b; the calibration store's keys)
+      raise ValueError(f"a task's name may not hold ',' nor start or end with a space, got {self.name!r}; "
+                       f"rename it, e.g. {self.name.strip().replace(',', '_')!r}")
     if not isinstance(self.model, nn.Module):
       raise bad(f"model must be a flax.linen Module instance, got {type(self.model).__name__}")
     if isinstance(self.data, str):
@@ -178,9 +190,11 @@ class Task:
     else:
       raise bad(f"data must be a Dataset (Dataset.from_arrays(name, x_train, y_train, x_test, "
                 f"y_test)) or a dataset name, got {type(self.data).__name__}")
+    if self.momentum is not None and not (_real(self.momentum) and 0 <= self.momentum < 1):
+      raise bad(f"momentum must be a number in [0, 1) (0.0: plain SGD; None: not SGD), got {self.momentum!r}")
     if self.optimizer is None:
-      if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-        raise bad("give an optimizer (e.g. optimizer=optax.adam(1e-3)) or a positive "
+      if not (_real(self.learning_rate) and self.learning_rate > 0):
+        raise bad("give an optimizer (e.g. optimizer=optax.adam(1e-3)) or a finite, positive "
                   f"learning_rate for SGD, got learning_rate={self.learning_rate!r}")
       momentum = float(self.momentum or 0.0)
       setattr_("momentum", momentum)
@@ -189,8 +203,16 @@ class Task:
     elif not (callable(getattr(self.optimizer, "init", None)) and callable(getattr(self.optimizer, "update", None))):
       raise bad(f"optimizer must be an optax GradientTransformation (e.g. optax.adam(1e-3)), "
                 f"got {type(self.optimizer).__name__}")
-    if not (isinstance(self.batch_size, (int, np.integer)) and self.batch_size > 0):
+    bs = self.batch_size
+    if isinstance(bs, bool) or not (isinstance(bs, (int, np.integer)) and bs > 0):
       raise bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
+    # A huge batch would allocate its index and image arrays (or exhaust memory) long after the
+    # task was built: bounded here, before any work, by the float32 inputs of one batch.
+    sample_bytes = 4 * math.prod(self.spec.input_shape)
+    if self.batch_size * sample_bytes > MAX_BATCH_BYTES:
+      raise bad(f"batch_size {self.batch_size}: one batch of inputs of shape {self.spec.input_shape} would take "
+                f"{self.batch_size * sample_bytes / 2**30:.1f} GiB; give batch_size <= "
+                f"{MAX_BATCH_BYTES // sample_bytes} (one batch's inputs within {MAX_BATCH_BYTES // 2**30} GiB)")
     if self.kind not in KINDS:
       raise bad(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
     if self.loss_fn is not None and not callable(self.loss_fn):
@@ -199,12 +221,25 @@ class Task:
       raise bad("metrics must be a Metrics(counts, summarize), e.g. classification_metrics()")
     for field in ("rngs", "mutable", "alt_datasets"):
       v = getattr(self, field)
-      v = (v,) if isinstance(v, str) else tuple(v)
-      if not all(isinstance(s, str) for s in v) or (field != "alt_datasets" and "params" in v):
-        raise bad(f"{field} must be names (strings) other than 'params', got {v!r}")
+      try:
+        v = (v,) if isinstance(v, str) else tuple(v)
+      except TypeError:
+        v = None
+      if v is None or not all(isinstance(s, str) for s in v) or (field != "alt_datasets" and "params" in v):
+        raise bad(f"{field} must be a tuple of names (strings) other than 'params', e.g. ('dropout',), "
+                  f"got {getattr(self, field)!r}")
       setattr_(field, v)
+    for name in self.alt_datasets:
+      try:
+        dataset_spec(name)
+      except ValueError as e:
+        raise bad(f"alt_datasets: {e}") from None
     for field in ("train_kwargs", "eval_kwargs"):
-      setattr_(field, dict(getattr(self, field)))
+      v = getattr(self, field)
+      if not (isinstance(v, Mapping) and all(isinstance(k, str) for k in v)):
+        raise bad(f"{field} must be a dict of keyword arguments of the model's __call__, e.g. "
+                  f"{{'train': {field == 'train_kwargs'}}}, got {v!r}")
+      setattr_(field, dict(v))
     if isinstance(self.data, Dataset):
       self.check()  # arrays at hand: a model that does not fit them fails now, not in a worker
 
@@ -279,12 +314,12 @@ class Task:
     for mode, lg in (("training", train_logits), ("evaluation", eval_logits)):
       if not (hasattr(lg, "shape") and lg.shape[:-1] == want and lg.shape[-1] >= spec.num_classes):
         got = getattr(lg, "shape", type(lg).__name__)
-        raise ValueError(
+        raise ValueError(self._label_hint(got) or (
             f"task {self.name!r}: in {mode} the model outputs {got} for inputs {x.shape}, but "
             f"dataset {self.dataset!r} has {self.kind} labels of shape {spec.label_shape} with "
             f"{spec.num_classes} classes: the model must output logits of shape (batch, "
             f"{', '.join(map(str, spec.label_shape)) + ', ' if spec.label_shape else ''}"
-            f">= {spec.num_classes}); change its last layer (e.g. nn.Dense({spec.num_classes}))")
+            f">= {spec.num_classes}); change its last layer (e.g. nn.Dense({spec.num_classes}))"))
     try:
       loss = jax.eval_shape(self.loss, train_logits, y)
     except Exception as e:  # noqa: BLE001
@@ -302,6 +337,30 @@ class Task:
     if key not in self._memo:
       self._memo[key] = make()
     return self._memo[key]
+
+  def _label_hint(self, logits_shape) -> str | None:
+    """Why a model that outputs ``logits_shape`` does not fit this task's labels, when the
+    labels themselves look wrong (one-hot rows, or class ids counted from 1): the usual slips
+    with arrays of one's own. None when nothing of the kind is seen."""
+    if not (isinstance(self.data, Dataset) and self.kind == "classification"):
+      return None
+    ds, shape = self.data, tuple(logits_shape) if isinstance(logits_shape, tuple) else ()
+    call = lambda fix: (f"Dataset.from_arrays({ds.name!r}, x_train, {fix('y_train')}"  # noqa: E731
+                        + (f", x_test, {fix('y_test')})" if len(ds.y_test) else ")"))
+    ys = [y for y in (ds.y_train, ds.y_test) if len(y)]
+    if ds.y_train.ndim == 2 and len(shape) == 2 and ds.y_train.shape[1] >= 2:
+      if all(((y == 0) | (y == 1)).all() and (y.sum(-1) == 1).all() for y in ys):
+        return (f"task {self.name!r}: dataset {ds.name!r} holds one-hot labels (y_train of shape "
+                f"{ds.y_train.shape}: rows of 0/1 that sum to 1), but a classification task takes one "
+                f"class id per sample; pass the class ids y.argmax(-1): {call(lambda v: v + '.argmax(-1)')}")
+    if ds.y_train.ndim == 1 and len(shape) == 2:
+      low = int(min(y.min() for y in ys))
+      if low >= 1 and shape[-1] >= ds.num_classes - low:
+        return (f"task {self.name!r}: the labels of dataset {ds.name!r} start at {low} (the smallest label is "
+                f"{low}, not 0), so they need {ds.num_classes} classes, and the model outputs {shape[-1]} "
+                f"logits; class ids count from 0: pass y - {low}, {call(lambda v: f'{v} - {low}')} "
+                f"(or make the model's last layer nn.Dense({ds.num_classes}))")
+    return None
 
   def replace(self, **changes: Any) -> "Task":
     """A copy with ``changes`` (a new task: its own caches). ``dataset=`` switches to one of
@@ -361,10 +420,22 @@ def get_task(name: str | Task) -> Task:
     raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(_REGISTRY)}") from None
 
 
+def parse_task_names(text: str) -> tuple[str, ...]:
+  """The names in a comma-separated task list, as every command reads one (``--tasks``, a
+  config file's ``"tasks"``): spaces around names stripped, empty entries dropped.
+
+  Example::
+
+      parse_task_names("digits_mlp, mnist_lenet,")   # ('digits_mlp', 'mnist_lenet')
+  """
+  return tuple(n.strip() for n in str(text).split(",") if n.strip())
+
+
 def get_tasks(names: str | Task | list | tuple) -> list[Task]:
-  """Tasks from a comma-separated string of names, or a sequence of names and tasks."""
+  """Tasks from a comma-separated string of names (:func:`parse_task_names`), or a sequence
+  of names and tasks."""
   if isinstance(names, str):
-    names = [n.strip() for n in names.split(",") if n.strip()]
+    names = parse_task_names(names)
   elif isinstance(names, Task):
     names = [names]
   if not names:

@@ -258,10 +258,10 @@ def evaluate(task: Task | str, params: Any, x: np.ndarray | None = None, y: np.n
   if model_state is None:
     model_state = init_variables(task, 0)[1]
   if x is None or y is None:
-    ds = task.load_data()
+    ds = task.load_data().require_test_split(f"task {task.name!r} is evaluated on it")
     x, y = ds.x_test, ds.y_test
   if len(x) == 0:
-    raise ValueError(f"task {task.name!r}: nothing to evaluate on (an empty test split); pass x and y")
+    raise ValueError(f"task {task.name!r}: nothing to evaluate on (x and y hold no samples)")
   fn = _eval_fn(task)
   variables = {"params": params, **model_state}
   total: dict | None = None

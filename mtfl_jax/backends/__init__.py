@@ -29,6 +29,13 @@ def open_backend(name: str, jobs, **kwargs) -> Runner:
   """Opens backend ``name`` on ``jobs`` (compiles, or starts its workers)."""
   if name not in BACKENDS:
     raise ValueError(f"unknown backend {name!r}; valid backends: {', '.join(BACKENDS)}")
+  import inspect
+  takes = [p for p in inspect.signature(BACKENDS[name].__init__).parameters if p not in ("self", "jobs")
+           and not p.startswith("_")]
+  unknown = sorted(k for k in kwargs if k not in takes and not k.startswith("_"))
+  if unknown:
+    raise ValueError(f"backend {name!r} takes no option {', '.join(unknown)}; its options: "
+                     f"{', '.join(takes) or 'none'}")
   return BACKENDS[name](jobs, **kwargs)
 
 

@@ -10,8 +10,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from mtfl_jax.data import Dataset
 from mtfl_jax.tasks import Task, get_task
 from mtfl_jax.train import batch_indices, init_state
+
+MAX_JOB_STEPS = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,19 +33,53 @@ class Job:
 
   def __post_init__(self):
     object.__setattr__(self, "task", get_task(self.task).check())
-    if not (isinstance(self.steps, (int, np.integer)) and self.steps >= 1):
-      raise ValueError(f"job for task '{self.task.name}': steps must be a positive integer, "
-                       f"got {self.steps!r}")
+
+    def bad(why):
+      return ValueError(f"job for task '{self.task.name}': {why}")
+    if isinstance(self.steps, bool) or not (isinstance(self.steps, (int, np.integer)) and self.steps >= 1):
+      raise bad(f"steps must be a positive integer, got {self.steps!r}")
+    if self.steps > MAX_JOB_STEPS:
+      # the batch order of every step is drawn when a backend opens: bounded memory, bounded time
+      raise bad(f"steps must be <= {MAX_JOB_STEPS} (one round's local steps), got {self.steps}; "
+                "split the work into several rounds")
+    if isinstance(self.seed, bool) or not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32):
+      raise bad(f"seed must be an integer between 0 and {2**32 - 1}, got {self.seed!r}")
+    if self.indices is not None:
+      idx = np.asarray(self.indices)
+      ints = np.issubdtype(idx.dtype, np.integer)
+      if idx.ndim != 1 or not len(idx) or not ints or idx.min() < 0:
+        raise bad("indices must be a non-empty 1-D array of sample ids >= 0 into the training split (or None: all "
+                  f"of it), got shape {idx.shape}, dtype {idx.dtype}"
+                  + (f", smallest {int(idx.min())}" if ints and idx.size else ""))
+      data = self.task.data
+      if isinstance(data, Dataset) and idx.max() >= len(data.x_train):
+        raise bad(f"indices go up to {int(idx.max())} but dataset {data.name!r} has {len(data.x_train)} "
+                  "training samples")
 
   @property
   def name(self) -> str:
     return self.task.name
 
 
+def check_seconds(name: str, value, backend: str) -> float:
+  """A backend option in seconds: a finite number > 0, or a ``ValueError`` naming it."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+     or not (math.isfinite(value) and value > 0):
+    raise ValueError(f"backend {backend!r}: {name} must be a finite number of seconds > 0, got {value!r}")
+  return float(value)
+
+
 def check_jobs(jobs: Sequence[Job]) -> list[Job]:
+  """``jobs`` as a list, or a ``ValueError``: none, one that is not a :class:`Job`, or a task twice."""
+  if isinstance(jobs, (Job, str)) or not hasattr(jobs, "__iter__"):
+    got = f"one Job (of task '{jobs.name}')" if isinstance(jobs, Job) else repr(jobs)
+    raise ValueError(f"jobs must be a list of Job values, e.g. [Job('digits_mlp', 50)], got {got}")
   jobs = list(jobs)
   if not jobs:
     raise ValueError("no jobs to run")
+  odd = [j for j in jobs if not isinstance(j, Job)]
+  if odd:
+    raise ValueError(f"jobs must be Job values, e.g. Job('digits_mlp', 50), got {odd[0]!r}")
   names = [j.name for j in jobs]
   if len(set(names)) != len(names):
     raise ValueError(f"one job per task on a device; got {names}")
@@ -96,7 +133,7 @@ def check_shares(jobs: Sequence[Job], shares: Mapping[str, float] | None) -> dic
   if missing:
     raise ValueError(f"no share given for task(s) {missing}")
   for n, v in shares.items():
-    if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v > 0):
+    if isinstance(v, bool) or not (isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v) and v > 0):
       raise ValueError(f"share of task '{n}' must be a finite number > 0, got {v!r}")
   return {n: float(shares[n]) for n in names}
 

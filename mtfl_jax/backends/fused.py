@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from mtfl_jax import streams
-from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_shares, fetch_params, initial_state,
+from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_seconds, check_shares, fetch_params, initial_state,
                                     register, slice_schedule)
 from mtfl_jax.train import choose_local_mode, make_train_step
 
@@ -56,8 +56,8 @@ class FusedRunner(Runner):
   name = "fused"
 
   def __init__(self, jobs, slice_s: float = 0.05, use_streams: bool | None = None):
+    self.slice_s = check_seconds("slice_s", slice_s, self.name)
     super().__init__(jobs)
-    self.slice_s = slice_s
     self.use_streams = (jax.default_backend() == "gpu") if use_streams is None else use_streams
     self.prepare_in_process()  # the single steps serve only to time each task solo
     self.programs: dict[tuple, object] = {}  # schedule row -> compiled executable

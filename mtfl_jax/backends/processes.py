@@ -38,7 +38,7 @@ from typing import Mapping
 import cloudpickle
 import numpy as np
 
-from mtfl_jax.backends.base import RunResult, Runner, check_shares, register, sync_every
+from mtfl_jax.backends.base import RunResult, Runner, check_seconds, check_shares, register, sync_every
 
 
 class WorkerError(RuntimeError):
@@ -237,6 +237,8 @@ class ProcessesRunner(Runner):
                platform: str | None = None, use_mps: bool = True, _faults: Mapping[str, str] | None = None):
     """``_faults`` (tests only): ``{task: "crash" | "hang"}`` makes that task's worker fail
     when it is asked to run."""
+    timeout_s = check_seconds("timeout_s", timeout_s, self.name)
+    start_timeout_s = check_seconds("start_timeout_s", start_timeout_s, self.name)
     super().__init__(jobs)
     bad = {n: f for n, f in (_faults or {}).items() if f not in ("crash", "hang")}
     if bad:

@@ -12,7 +12,7 @@ import concurrent.futures as cf
 import jax
 import numpy as np
 
-from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_shares, fetch_params, initial_state,
+from mtfl_jax.backends.base import (Clock, RunResult, Runner, check_seconds, check_shares, fetch_params, initial_state,
                                     register, run_steps, slice_schedule, sync_every)
 
 
@@ -21,8 +21,8 @@ class ThreadsRunner(Runner):
   name = "threads"
 
   def __init__(self, jobs, slice_s: float = 0.05):
+    self.slice_s = check_seconds("slice_s", slice_s, self.name)
     super().__init__(jobs)
-    self.slice_s = slice_s
     self.prepare_in_process()
     self.pool = cf.ThreadPoolExecutor(len(self.jobs), thread_name_prefix="mtfl-task")
 

@@ -207,7 +207,8 @@ def launch_point(spec: dict, timeout_s: float = 1800) -> dict:
     for i in range(processes):
       log = open(out.with_name(f"{out.stem}.p{i}.log"), "w+")
       logs.append(log)
-      cmd = [sys.executable, "-m", "mtfl_jax.experiments.bench_scale", "--point", json.dumps({**spec, "process_id": i})]
+      cmd = [sys.executable, "-m", "mtfl_jax.experiments.bench_scale", "--point",
+             json.dumps({**spec, "process_id": i, "parent_pid": os.getpid()})]
       cores = core_share(i, processes) if processes > 1 else None  # as distributed.launch_local does
       penv = {**env, "MTFL_CPU_CORES": ",".join(map(str, cores))} if cores else env
       procs.append(subprocess.Popen(cmd, env=penv, stdout=log, stderr=subprocess.STDOUT))
@@ -456,8 +457,12 @@ def _main(argv=None) -> int:
                                description="one point of the scale benchmark (python -m mtfl_jax bench scale runs them all)")
   ap.add_argument("--point", required=True, help="the point as JSON: task, clients, devices, processes, rounds, out, ...")
   args = ap.parse_args(argv)
+  spec = json.loads(args.point)
+  if spec.get("parent_pid"):  # a point dies with the benchmark, even one killed outright (SIGKILL)
+    from mtfl_jax.distributed import die_with_parent
+    die_with_parent(int(spec["parent_pid"]))
   os.environ.setdefault("TFDS_DISABLE_GCS", "1")
-  run_point(json.loads(args.point))
+  run_point(spec)
   return 0
 
 

@@ -249,6 +249,26 @@ def write_report(out: Path, summary: dict, header: str) -> Path:
 
 
 # --------------------------------------------------------------------------- the command
+MAX_SEED = 2**32 - 1  # numpy's and JAX's seeds both take 32 bits whole
+
+
+def _finished_experiments(raw_dir: Path, mode: str, seed: int) -> dict:
+  """The experiments a rerun into ``raw_dir`` reuses; a ``FileExistsError`` when one of them
+  holds another mode or seed (checked for all of them before anything is measured)."""
+  done = {}
+  for n in EXPERIMENTS:
+    path = raw_dir / f"{n}.json"
+    if not path.exists():
+      continue
+    doc = read_json(path, "finished experiment", "delete it to re-measure this experiment (the others are kept)",
+                    fields=("device",))
+    if doc.get("repro_mode") != mode or doc.get("seed") != seed:
+      raise FileExistsError(f"{path} holds a '{doc.get('repro_mode')}' run with seed {doc.get('seed')}; use another "
+                            f"--out for mode '{mode}', seed {seed} (nothing was overwritten, nor measured)")
+    done[n] = doc
+  return done
+
+
 def recorded_dir(device: str | None = None) -> Path:
   from mtfl_jax.data import default_data_dir
   return default_data_dir().parent / "recorded" / device_slug(device)
@@ -264,8 +284,13 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
   import matplotlib.pyplot as plt
   from mtfl_jax.plotting import FIGURES
   mode = mode or ("quick" if quick else "full")
+  cfg = config(mode)  # an unknown mode fails here
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    raise ValueError(f"seed (--seed) must be an integer between 0 and {MAX_SEED}, got {seed!r}")
   out = check_writable(out, "--out", directory=True)
   raw_dir = out / "raw"
+  if not from_recorded:
+    finished = _finished_experiments(raw_dir, mode, seed)  # before any work: another run's files refuse
   raw_dir.mkdir(parents=True, exist_ok=True)
   raw, note = {}, None
   t0 = time.perf_counter()
@@ -275,7 +300,9 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
     missing = [n for n in EXPERIMENTS if not (src / f"{n}.json").exists()]
     if missing:
       raise FileNotFoundError(f"{src} lacks recorded experiment(s) {missing}; expected files "
-                              + ", ".join(f"{n}.json" for n in EXPERIMENTS) + ("" if src.is_dir() else f" ({src} does not exist)")
+                              + ", ".join(f"{n}.json" for n in EXPERIMENTS)
+                              + ("" if src.is_dir() else f" ({src} is a file, not a directory)" if src.exists()
+                                 else f" ({src} does not exist)")
                               + f"; recorded runs here: {', '.join(map(str, recordings())) or 'none'}")
     for n in EXPERIMENTS:
       raw[n] = read_json(src / f"{n}.json", "recorded experiment", "re-record it (python -m mtfl_jax reproduce --out DIR) or restore it from git (git checkout -- PATH)", fields=("device",))
@@ -286,7 +313,6 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
     header = f"**Redrawn from recorded data** in `{src}` (measured on {', '.join(devices)}); nothing was measured here."
     log(note)
   else:
-    cfg = config(mode)
     header = (f"Measured now on **{device_name()}**, mode `{mode}`, seed {seed}. "
               "Finished experiments found in `raw/` were reused.")
     log(f"reproduce ({mode}) on {device_name()}: measuring {', '.join(EXPERIMENTS)} into {out}")
@@ -294,15 +320,10 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
     for n in bar:
       bar.set_postfix_str(n)
       path = raw_dir / f"{n}.json"
-      if path.exists():
-        doc = read_json(path, "finished experiment", "delete it to re-measure this experiment (the others are kept)", fields=("device",))
-        if doc.get("repro_mode") == mode and doc.get("seed") == seed:
-          log(f"[{n}] reusing {path}")
-          raw[n] = doc
-          continue
-        raise FileExistsError(f"{path} holds a '{doc.get('repro_mode')}' run with seed {doc.get('seed')}; use another --out for "
-                              f"mode '{mode}', seed {seed} "
-                              "(nothing was overwritten)")
+      if n in finished:
+        log(f"[{n}] reusing {path}")
+        raw[n] = finished[n]
+        continue
       log(f"[{n}]")
       doc = EXPERIMENTS[n](cfg, seed, lambda m: bar.write(m))
       doc["repro_mode"] = mode
