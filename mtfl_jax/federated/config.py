@@ -20,7 +20,7 @@ import optax
 from mtfl_jax.federated.executors import EXECUTORS
 from mtfl_jax.federated.plan import AGGREGATORS, POLICIES
 from mtfl_jax.fleet import BANDWIDTH_SIGMA, SPEED_SIGMA
-from mtfl_jax.tasks import Task, get_task, task_names
+from mtfl_jax.tasks import Task, get_task, parse_task_names, task_names
 
 ALGORITHMS = ("fedavg", "scaffold")
 PARTITIONS = ("skew", "natural")
@@ -109,7 +109,8 @@ class FedConfig:
 
   def __post_init__(self):
     known = {t.name: t for t in self.task_defs if isinstance(t, Task)}
-    raw = (self.tasks,) if isinstance(self.tasks, (str, Task)) else tuple(self.tasks)
+    raw = (parse_task_names(self.tasks) if isinstance(self.tasks, str)
+           else (self.tasks,) if isinstance(self.tasks, Task) else tuple(self.tasks))
     defs = []
     for t in raw:
       if isinstance(t, str):
@@ -186,7 +187,7 @@ def check_config(cfg: FedConfig) -> None:
   integer("num_clients", 1)
   integer("clients_per_round", 1, cfg.num_clients if isinstance(cfg.num_clients, int) else None, "num_clients")
   integer("rounds", 1)
-  integer("seed", 0)
+  integer("seed", 0, 2**32 - 1, "2**32 - 1")
   integer("eval_every", 1)
   number("eval_every_s", 0, none_ok=True, extra=" (virtual seconds) or None")
   number("local_epochs", 0)
@@ -235,7 +236,7 @@ def check_config(cfg: FedConfig) -> None:
   integer("max_staleness", 0, none_ok=True)
   choice("simulator", tuple(EXECUTORS))
   if cfg.devices is not None:
-    integer("devices", 1)
+    integer("devices", 1, 1024, "1024")
     if cfg.simulator != "sharded":
       bad(f"devices={cfg.devices} is used only by simulator='sharded' (got simulator={cfg.simulator!r}): "
           "set simulator='sharded' (--simulator sharded) or leave devices out")

@@ -18,6 +18,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from mtfl_jax.backends.base import MAX_JOB_STEPS
 from mtfl_jax.data import Dataset
 from mtfl_jax.federated.config import FedConfig
 from mtfl_jax.fleet import Availability, Fleet
@@ -94,9 +95,10 @@ def _bad(msg: str):
 def _check_data(cfg: FedConfig, datasets: Mapping[str, Dataset]) -> None:
   """Before any partition or training: every task can be evaluated and split over the clients."""
   for t, ds in datasets.items():
-    if len(ds.x_test) == 0:
-      raise _bad(f"task '{t}': its dataset '{ds.name}' has no test split, so the run could not evaluate it; "
-                 f"give one: Dataset.from_arrays('{ds.name}', x_train, y_train, x_test, y_test)")
+    try:
+      ds.require_test_split(f"task '{t}' is evaluated in a federated run")
+    except ValueError as e:
+      raise _bad(str(e)) from None
   if cfg.partition == "natural":
     return
   sizes = {t: len(ds.y_train) for t, ds in datasets.items()}
@@ -166,5 +168,9 @@ def build_federation(cfg: FedConfig) -> Federation:
         per_client[c] = idx
     if sum(len(p) for p in per_client) == 0:
       raise _bad(f"task '{t}' has no data on any client")
+    most = workload_steps(max(len(p) for p in per_client), task.batch_size, cfg.local_epochs)
+    if most > MAX_JOB_STEPS:
+      raise _bad(f"local_epochs={cfg.local_epochs:g} gives a client of task '{t}' {most:,} local steps in a round "
+                 f"(at most {MAX_JOB_STEPS:,}); use fewer local epochs (--epochs)")
     tasks.append(FedTask(task, i, ds, tuple(per_client), model_bytes(task)))
   return Federation(cfg, tuple(tasks), _fleet(cfg))
