@@ -117,13 +117,19 @@ class Dataset:
   y_test: np.ndarray = dataclasses.field(repr=False)
   num_classes: int
   synthetic: bool = False
+  # One client id per training sample (a natural partition: one writer, one device, one user
+  # = one client), used by FedConfig(partition="natural"); None: the data has none.
+  client_ids: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
   @classmethod
   def from_arrays(cls, name: str, x_train, y_train, x_test=None, y_test=None,
-                  num_classes: int | None = None) -> "Dataset":
+                  num_classes: int | None = None, client_ids=None) -> "Dataset":
     """A dataset from in-memory arrays, checked: non-empty, matching lengths and per-sample
     shapes, finite inputs, integer labels (class ids, not one-hot rows) in ``[0, num_classes)``.
-    ``num_classes`` defaults to the largest label + 1.
+    ``num_classes`` defaults to the largest label + 1. ``client_ids`` (optional): one client
+    id per training sample, integers ``0..C-1`` with every id present (e.g. FEMNIST's writers
+    mapped with ``np.unique(writers, return_inverse=True)[1]``): a federation with
+    ``partition="natural"`` gives client ``c`` exactly the samples with id ``c``.
 
     The test split (``x_test``, ``y_test``) is what a task is evaluated on: a federated run and
     :func:`~mtfl_jax.train.evaluate` need one. A dataset without one can still be trained and
@@ -175,8 +181,22 @@ class Dataset:
     if isinstance(num_classes, bool) or not (isinstance(num_classes, (int, np.integer)) and num_classes >= top):
       raise bad(f"num_classes={num_classes!r} but labels go up to {top - 1}; give an integer num_classes >= {top} "
                 "(or leave it out: the largest label + 1)")
+    ids = None
+    if client_ids is not None:
+      ids = np.asarray(client_ids)
+      if ids.shape != (len(x_train),) or not np.issubdtype(ids.dtype, np.integer):
+        raise bad(f"client_ids must be one integer id per training sample, shape ({len(x_train)},), got "
+                  f"{ids.dtype} of shape {ids.shape}")
+      if ids.min() < 0:
+        raise bad(f"client_ids must be >= 0, found {int(ids.min())}")
+      present = np.unique(ids)
+      if len(present) != int(ids.max()) + 1:
+        missing = sorted(set(range(int(ids.max()) + 1)) - set(present.tolist()))[:5]
+        raise bad(f"client_ids must number the clients 0..{int(ids.max())} with every id present; missing "
+                  f"{missing}: map your ids with np.unique(ids, return_inverse=True)[1]")
+      ids = ids.astype(np.int64)
     ds = cls(name, x_train.astype(np.float32), y_train.astype(np.int32), x_test.astype(np.float32),
-             y_test.astype(np.int32), int(num_classes))
+             y_test.astype(np.int32), int(num_classes), client_ids=ids)
     _CHECKED.add(ds)
     return ds
 
@@ -185,7 +205,7 @@ class Dataset:
     if self not in _CHECKED:
       has_test = len(self.x_test) > 0
       Dataset.from_arrays(self.name, self.x_train, self.y_train, self.x_test if has_test else None,
-                          self.y_test if has_test else None, self.num_classes)
+                          self.y_test if has_test else None, self.num_classes, self.client_ids)
       _CHECKED.add(self)
     return self
 

@@ -144,7 +144,7 @@ def staleness_weights(staleness: Sequence[int], exponent: float) -> np.ndarray:
 
 
 def make_algorithm(task, aggregator: str = "fedavg", server_optimizer: optax.GradientTransformation | None = None,
-                   prox_mu: float = 0.0, scaffold: bool = False, holders: int = 1,
+                   prox_mu: float | None = None, scaffold: bool = False, holders: int = 1,
                    staleness_exponent: float = 0.5) -> FedAlgorithm:
   """The algorithm of ``task``: its client program (FedAvg's local SGD, with FedProx's
   ``prox_mu``, or SCAFFOLD's), ``aggregator``'s delta weights, ``server_optimizer`` (default

@@ -8,7 +8,7 @@ says what the client sends back, as named outputs that the server sums with weig
 statistics, ``"control"``: SCAFFOLD's control-variate change), and its new client state.
 
 The client objective is the task's loss, plus FedProx's proximal term
-``mu/2 ||w - w_global||^2`` (Li et al., 2020) when ``prox_mu > 0``; SCAFFOLD (Karimireddy et
+``mu/2 ||w - w_global||^2`` (Li et al., 2020) when ``prox_mu`` is given; SCAFFOLD (Karimireddy et
 al., 2020) corrects every local gradient by ``c - c_i`` (server and client control variates,
 option II of the paper: ``c_i+ = c_i - c + (x - y) / (lr * A)``, ``A`` the client optimizer's
 accumulation norm: the step count for plain SGD).
@@ -108,7 +108,7 @@ def _sq_dist(a, b):
   return sum(jnp.sum(jnp.square(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _step(task: Task, prox_mu: float) -> Callable:
+def _step(task: Task, prox_mu: float | None) -> Callable:
   tx = task.optimizer
 
   def step(carry: ClientCarry, batch) -> ClientCarry:
@@ -116,7 +116,7 @@ def _step(task: Task, prox_mu: float) -> Callable:
 
     def objective(params, batch, state):
       loss, aux = loss_and_metrics(task, params, batch, state)
-      if prox_mu:
+      if prox_mu is not None:
         loss = loss + 0.5 * prox_mu * _sq_dist(params, carry.anchor)
       return loss, aux
 
@@ -136,15 +136,17 @@ def _train_state(task: Task, broadcast, rng) -> TrainState:
                     model_state=broadcast["model_state"], rng=rng)
 
 
-def fedavg_program(task: Task, prox_mu: float = 0.0) -> ClientProgram:
+def fedavg_program(task: Task, prox_mu: float | None = None) -> ClientProgram:
   """Local SGD of the task's optimizer from the global model (FedAvg's client), with
-  FedProx's proximal term when ``prox_mu > 0``; sends back its model delta and model_state."""
-  return task.memo(("fedavg_program", float(prox_mu)), lambda: _fedavg_program(task, float(prox_mu)))
+  FedProx's proximal term ``prox_mu/2 ||w - w_global||^2`` when ``prox_mu`` is a number (0
+  included: the term is computed, times 0); sends back its model delta and model_state."""
+  mu = None if prox_mu is None else float(prox_mu)
+  return task.memo(("fedavg_program", mu), lambda: _fedavg_program(task, mu))
 
 
-def _fedavg_program(task: Task, prox_mu: float) -> ClientProgram:
+def _fedavg_program(task: Task, prox_mu: float | None) -> ClientProgram:
   def init(broadcast, client_state, rng) -> ClientCarry:
-    return ClientCarry(_train_state(task, broadcast, rng), broadcast["params"] if prox_mu else None)
+    return ClientCarry(_train_state(task, broadcast, rng), None if prox_mu is None else broadcast["params"])
 
   def final(broadcast, carry: ClientCarry):
     delta = jax.tree.map(jnp.subtract, carry.state.params, broadcast["params"])
@@ -162,7 +164,7 @@ def accumulation_norm_jnp(steps, momentum: float):
   return (tau - rho * (1.0 - rho ** tau) / (1.0 - rho)) / (1.0 - rho)
 
 
-def scaffold_program(task: Task, prox_mu: float = 0.0) -> ClientProgram:
+def scaffold_program(task: Task, prox_mu: float | None = None) -> ClientProgram:
   """SCAFFOLD's client (option II): every local gradient is corrected by ``c - c_i``; it sends
   back its model delta, its model_state and the change of its control variate, and keeps its
   new control variate ``c_i+ = c_i - c + (x - y) / (lr * A)`` (``A``: the accumulation norm of
@@ -170,15 +172,17 @@ def scaffold_program(task: Task, prox_mu: float = 0.0) -> ClientProgram:
   if task.learning_rate is None:
     raise ValueError(f"algorithm 'scaffold' needs a task trained by (momentum) SGD, Task(learning_rate=...); "
                      f"task '{task.name}' has another optimizer")
-  return task.memo(("scaffold_program", float(prox_mu)), lambda: _scaffold_program(task, float(prox_mu)))
+  mu = None if prox_mu is None else float(prox_mu)
+  return task.memo(("scaffold_program", mu), lambda: _scaffold_program(task, mu))
 
 
-def _scaffold_program(task: Task, prox_mu: float) -> ClientProgram:
+def _scaffold_program(task: Task, prox_mu: float | None) -> ClientProgram:
   lr, rho = float(task.learning_rate), float(task.momentum or 0.0)
 
   def init(broadcast, client_state, rng) -> ClientCarry:
     correction = jax.tree.map(jnp.subtract, broadcast["control"], client_state)
-    return ClientCarry(_train_state(task, broadcast, rng), broadcast["params"] if prox_mu else None, correction)
+    anchor = None if prox_mu is None else broadcast["params"]
+    return ClientCarry(_train_state(task, broadcast, rng), anchor, correction)
 
   def final(broadcast, carry: ClientCarry):
     x, y = broadcast["params"], carry.state.params

@@ -42,7 +42,7 @@ class FedConfig:
   * federation: ``num_clients``, ``clients_per_round``, ``partition`` ("skew": Dirichlet label
     skew ``alpha`` (None: none) and lognormal quantity skew ``quantity_sigma``; "natural": each
     dataset's own client ids, ``Dataset.from_arrays(..., client_ids=...)``), ``presence``;
-  * local training: ``local_epochs``, ``prox_mu`` (FedProx's proximal term; 0: FedAvg),
+  * local training: ``local_epochs``, ``prox_mu`` (FedProx's proximal term; None: FedAvg),
     ``algorithm`` ("fedavg", or "scaffold": control variates, Karimireddy et al., 2020);
   * server: ``server_optimizer`` (an optax factory by name, e.g. "sgd" with ``server_kwargs``
     ``{"momentum": 0.9}`` is FedAvgM, "adam" FedAdam, "yogi" FedYogi, "adagrad" FedAdagrad;
@@ -75,7 +75,7 @@ class FedConfig:
   overselect: float = 1.3
   aggregator: str | None = None
   algorithm: str = "fedavg"
-  prox_mu: float = 0.0
+  prox_mu: float | None = None  # FedProx's mu (0 included: the proximal term, times 0); None: FedAvg's client
   server_optimizer: Any = "sgd"
   server_lr: float = 1.0
   server_kwargs: Mapping = dataclasses.field(default_factory=dict)
@@ -207,7 +207,7 @@ def check_config(cfg: FedConfig) -> None:
   if cfg.aggregator is not None:
     choice("aggregator", AGGREGATORS)
   choice("algorithm", ALGORITHMS)
-  number("prox_mu", 0, lo_open=False)
+  number("prox_mu", 0, lo_open=False, none_ok=True, extra=" (FedProx; None: none)")
   if cfg.algorithm == "scaffold" and POLICIES[cfg.policy].asynchronous:
     bad(f"algorithm 'scaffold' needs synchronous rounds; policy {cfg.policy!r} is asynchronous")
   so = cfg.server_optimizer

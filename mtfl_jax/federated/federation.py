@@ -114,9 +114,9 @@ def _natural_shards(cfg: FedConfig, ft_name: str, ds: Dataset) -> list[np.ndarra
     raise _bad(f"partition='natural' but task '{ft_name}'s dataset '{ds.name}' has no client ids; give them as "
                f"Dataset.from_arrays(..., client_ids=ids), one per training sample")
   ids = np.asarray(ids)
-  if ids.max() >= cfg.num_clients:
-    raise _bad(f"partition='natural': task '{ft_name}' has client ids up to {int(ids.max())} but num_clients="
-               f"{cfg.num_clients}; use num_clients (--clients) = {int(ids.max()) + 1}")
+  if int(ids.max()) >= cfg.num_clients:
+    raise _bad(f"partition='natural': task '{ft_name}'s data has client ids up to {int(ids.max())} but num_clients="
+               f"{cfg.num_clients}; use num_clients (--clients) = the number of clients in your data")
   order = np.argsort(ids, kind="stable")
   cuts = np.searchsorted(ids[order], np.arange(1, cfg.num_clients))
   return [np.sort(s) for s in np.split(order, cuts)]
@@ -173,4 +173,9 @@ def build_federation(cfg: FedConfig) -> Federation:
       raise _bad(f"local_epochs={cfg.local_epochs:g} gives a client of task '{t}' {most:,} local steps in a round "
                  f"(at most {MAX_JOB_STEPS:,}); use fewer local epochs (--epochs)")
     tasks.append(FedTask(task, i, ds, tuple(per_client), model_bytes(task)))
+  if cfg.partition == "natural":
+    empty = [c for c in range(cfg.num_clients) if all(len(ft.shards[c]) == 0 for ft in tasks)]
+    if empty:
+      raise _bad(f"partition='natural': client(s) {empty[:5]} hold no sample of any task; num_clients="
+                 f"{cfg.num_clients} must be the number of clients in your data")
   return Federation(cfg, tuple(tasks), _fleet(cfg))
