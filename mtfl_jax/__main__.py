@@ -63,10 +63,42 @@ def _bench(args):
     bench_federated(quick=not args.full, json_path=args.json)
 
 
+def _import_user_code(args) -> None:
+  """``--import MODULE`` (repeatable) and tasks given as ``module:attribute``: the user's modules
+  are imported (registering their tasks) before the config names any task."""
+  import importlib
+
+  from mtfl_jax.tasks import Task, parse_task_names, register_task
+
+  def load(mod: str):
+    try:
+      return importlib.import_module(mod)
+    except ImportError as e:
+      raise ValueError(f"--import {mod}: cannot import it ({e}); check the module name and that its folder is on "
+                       "PYTHONPATH (or run from that folder)") from None
+  for mod in args.imports or ():
+    load(mod)
+  if args.tasks:
+    names = []
+    for spec in parse_task_names(args.tasks):
+      if ":" in spec:
+        mod, attr = spec.split(":", 1)
+        task = getattr(load(mod), attr, None)
+        if not isinstance(task, Task):
+          raise ValueError(f"--tasks {spec}: {mod}.{attr} is {'missing' if task is None else type(task).__name__}, "
+                           "not a mtfl_jax Task")
+        register_task(task)
+        args.imports = list(args.imports or ()) + [mod]
+        spec = task.name
+      names.append(spec)
+    args.tasks = ",".join(names)
+
+
 def _federate_config(args):
   """The FedConfig of ``federate``: the --config file's settings, then the flags given."""
   from mtfl_jax.federated import FedConfig
   from mtfl_jax.results import read_json
+  _import_user_code(args)
   base = {}
   if args.config:
     base = read_json(args.config, "the run's config file", "give a JSON object of FedConfig fields, e.g. "
@@ -80,7 +112,9 @@ def _federate_config(args):
   flags = {"tasks": args.tasks, "num_clients": args.clients, "clients_per_round": args.clients_per_round,
            "rounds": args.rounds, "policy": args.policy, "alpha": args.alpha, "local_epochs": args.epochs,
            "presence": args.presence, "trace": args.trace, "time_budget_s": args.time_budget, "seed": args.seed,
-           "eval_every": args.eval_every, "simulator": args.simulator}
+           "eval_every": args.eval_every, "simulator": args.simulator, "dropout": args.dropout,
+           "availability": args.availability, "server_optimizer": args.server_optimizer, "server_lr": args.server_lr,
+           "prox_mu": args.prox_mu, "algorithm": args.algorithm, "aggregator": args.aggregator}
   cfg = {**base, **{k: v for k, v in flags.items() if v is not None}}
   if isinstance(cfg.get("tasks"), str):
     from mtfl_jax.tasks import parse_task_names
@@ -215,6 +249,8 @@ def _federate(args):
   _check_run_flags(args)
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
+  if args.seeds is not None:
+    return _federate_seeds(args, cfg)
   _check_resumable(cfg, Path(args.workdir))
   if not _join(args, cfg):
     return _launch(args, cfg)
@@ -234,6 +270,39 @@ def _federate(args):
     acc = ", ".join(f"{t} {a:.3f}" for t, a in res.final_accuracy().items())
     print(f"done: {len(res.history)} round(s), {res.virtual_time_s:.1f} virtual s, final accuracy {acc}; "
           f"wrote {', '.join(str(p) for p in outputs.paths.values())}")
+  return 0
+
+
+def _federate_seeds(args, cfg) -> int:
+  """``federate --seeds``: every seed in WORKDIR/seed<k>/, then summary.json and accuracy.png."""
+  import dataclasses
+
+  from mtfl_jax.federated.sweep import parse_seeds, run_seeds
+  from mtfl_jax.results import write_json
+  seeds = parse_seeds(args.seeds)
+  if args.processes != 1 or args.process_id is not None:
+    raise ValueError("--seeds runs each seed in a process of its own; leave out --processes/--process-id")
+  if args.seed is not None:
+    raise ValueError("--seed and --seeds: give one of them")
+  workdir = Path(args.workdir)
+  for s in seeds:
+    _check_resumable(dataclasses.replace(cfg, seed=s), workdir / f"seed{s}")
+  model = _vr_model(cfg, workdir)
+  sweep = run_seeds(cfg, seeds, workdir, model, imports=args.imports or ())
+  doc = {k: v for k, v in sweep.items() if k != "runs"}
+  doc["runs"] = [{k: v for k, v in r.items() if k not in ("history", "evaluations")} for r in sweep["runs"]]
+  write_json(workdir / "summary.json", doc)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  from mtfl_jax.plotting import accuracy_bands
+  fig = accuracy_bands({cfg.policy: sweep["runs"]})
+  fig.savefig(workdir / "accuracy.png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  for t, v in sweep["summary"]["final_accuracy"].items():
+    print(f"{t}: final accuracy median {v['median']} (95% CI {v['ci95'][0]}-{v['ci95'][1]}) over {v['n']} seeds")
+  print(f"wrote {workdir / 'summary.json'}, {workdir / 'accuracy.png'}")
   return 0
 
 
@@ -403,11 +472,16 @@ def main(argv=None) -> int:
   fe = sub.add_parser("federate", parents=[dist], help="run your own federated experiment (history, checkpoints, figures)")
   fe.add_argument("--workdir", required=True, help="checkpoints, history.json and figures go here; rerun to resume")
   fe.add_argument("--config", help="JSON file of FedConfig settings (flags given override it)")
-  fe.add_argument("--tasks", help="comma-separated registered task names (default digits_mlp)")
+  fe.add_argument("--tasks", help="comma-separated task names (default digits_mlp): built-in or registered by an "
+                  "--import module, or module:attribute of a Task in your own code")
+  fe.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                  help="import this module first (your own tasks register themselves there); repeatable")
+  fe.add_argument("--seeds", help="run every seed of a range (0-4) or list (1,3,7) into WORKDIR/seed<k>/ and "
+                  "summarise them with medians and 95%% bootstrap intervals (summary.json, accuracy.png)")
   fe.add_argument("--clients", type=int, help="clients in the federation")
   fe.add_argument("--clients-per-round", type=int, help="clients sampled per round (default: all)")
   fe.add_argument("--rounds", type=int)
-  fe.add_argument("--policy", help="none, intra, deadline or full")
+  fe.add_argument("--policy", help="none, intra, deadline, overselect, full or fedbuff")
   fe.add_argument("--alpha", type=float, help="Dirichlet label skew (0: none)")
   fe.add_argument("--epochs", type=float, help="local epochs per round")
   fe.add_argument("--presence", type=float, help="probability that a client holds a task")
@@ -416,6 +490,14 @@ def main(argv=None) -> int:
   fe.add_argument("--seed", type=int)
   fe.add_argument("--eval-every", type=int)
   fe.add_argument("--simulator", help="sharded (default), auto, loop or vmap")
+  fe.add_argument("--dropout", type=float, help="probability that a client leaves mid-round")
+  fe.add_argument("--availability", help="'diurnal', or a JSON trace of each client's online windows")
+  fe.add_argument("--server-optimizer", help="an optax optimizer for the server: sgd (default), adam (FedAdam), "
+                  "yogi, adagrad, ...")
+  fe.add_argument("--server-lr", type=float, help="the server optimizer's learning rate (default 1)")
+  fe.add_argument("--prox-mu", type=float, help="FedProx's proximal term mu")
+  fe.add_argument("--algorithm", help="fedavg (default) or scaffold")
+  fe.add_argument("--aggregator", help="fedavg, fednova or fednova_nominal (default: the policy's)")
   fe.add_argument("--log-dir", help="stream each round's metrics here: metrics.csv, and TensorBoard event files "
                   "when tensorboardX is installed")
   fe.set_defaults(fn=_federate)

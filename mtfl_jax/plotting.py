@@ -329,6 +329,53 @@ def accuracy_vs_time(histories, budget_s: float | None = None, title: str = "Acc
   return fig
 
 
+def curve_points(run: dict, task: str) -> list[tuple[float, float]]:
+  """A run's (virtual time, metric) points of ``task``: its evaluation grid when it has one,
+  else the history rows that were evaluated."""
+  if run.get("evaluations"):
+    return [(e["virtual_time_s"], e["metrics"][task]) for e in run["evaluations"] if task in e["metrics"]]
+  return [(r["virtual_time_s"], r["accuracy"][task]) for r in run.get("history", []) if task in r.get("accuracy", {})]
+
+
+def accuracy_bands(runs_by_label: dict, points: int = 60, title: str = "Accuracy vs virtual time, over seeds",
+                   targets: dict | None = None):
+  """Per task, the median over seeds of the metric against virtual time (each run's metric
+  holds from one evaluation to the next) with a band: the 95% bootstrap interval of that
+  median at every time. ``runs_by_label`` maps a label (a policy) to its runs (dicts with an
+  ``evaluations`` grid or evaluated ``history`` rows)."""
+  from mtfl_jax.stats import bootstrap_ci
+  tasks = sorted({t for runs in runs_by_label.values() for r in runs
+                  for t in (r.get("evaluations") or [{}])[0].get("metrics", {}) or
+                  {k for row in r.get("history", []) for k in row.get("accuracy", {})}})
+  fig, ax = plt.subplots(1, max(1, len(tasks)), figsize=(4.4 * max(1, len(tasks)), 3.5), squeeze=False)
+  for a, t in zip(ax[0], tasks):
+    for label, runs in runs_by_label.items():
+      curves = [curve_points(r, t) for r in runs]
+      curves = [c for c in curves if c]
+      if not curves:
+        continue
+      end = min(c[-1][0] for c in curves)
+      grid = np.linspace(min(c[0][0] for c in curves), end, points)
+      vals = np.array([[c[max(0, np.searchsorted([p[0] for p in c], g, side="right") - 1)][1] for g in grid]
+                       for c in curves])
+      med = np.median(vals, axis=0)
+      color = POLICY_COLORS.get(label)
+      a.plot(grid, med, "-", lw=1.4, color=color, label=f"{label} (median of {len(curves)})")
+      if len(curves) > 1:
+        lo_hi = np.array([bootstrap_ci(vals[:, i], n_boot=2000) for i in range(len(grid))])
+        a.fill_between(grid, lo_hi[:, 0], lo_hi[:, 1], color=color, alpha=0.18, lw=0)
+    if targets and t in targets:
+      a.axhline(targets[t], c="k", lw=0.8, ls=":", label="target")
+    a.set_xlabel("virtual time (s)")
+    a.set_ylabel("test mIoU" if "unet" in t else "test accuracy")
+    a.set_title(t, fontsize=9)
+  handles, labels = ax[0][-1].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)))
+  fig.suptitle(title + " (bands: 95% bootstrap interval of the median)", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
 def client_round_bars(rows, title: str = "One round: each client's busy and idle time"):
   """Per policy, one ``FedResult.history`` row drawn as bars: each sampled client's busy time
   (``client_time_s``), its wait for the slowest (``idle_s``), dropped clients hatched, and the
