@@ -217,6 +217,8 @@ def bench_cosched(mode: str = "quick", json_path: str | Path | None = None, log=
   ``overrides`` replace the mode's; None keeps it); returns (and writes to ``json_path``) the
   benchmark's JSON."""
   cfg = dataclasses.replace(config(mode), **{k: v for k, v in overrides.items() if v is not None})
+  if cfg.repeats < 1 or cfg.search_repeats < 1:
+    raise ValueError(f"need repeats >= 1 and search_repeats >= 1, got {cfg.repeats} and {cfg.search_repeats}")
   t0 = time.perf_counter()
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   log(f"co-scheduling benchmark on {device_name()} ({mode}; {cfg.total_s:.2f} s of solo work per round, "
