@@ -52,7 +52,7 @@ def _bench(args):
     read_store()  # a corrupt calibration store is reported now, not after minutes of measuring
   if args.which == "cosched":
     from mtfl_jax.experiments.bench_cosched import bench_cosched
-    bench_cosched(quick=not args.full, json_path=args.json)
+    bench_cosched("full" if args.full else "quick", json_path=args.json)
   elif args.which == "scale":
     from mtfl_jax.experiments.bench_scale import bench_scale
     bench_scale(quick=not args.full, json_path=args.json)
@@ -446,7 +446,7 @@ def main(argv=None) -> int:
   be.add_argument("which", choices=["cosched", "federated", "scale"])
   mode = be.add_mutually_exclusive_group()
   mode.add_argument("--quick", action="store_true", help="a few minutes on a laptop (default)")
-  mode.add_argument("--full", action="store_true", help="longer rounds and repeats")
+  mode.add_argument("--full", action="store_true", help="longer rounds and repeats (cosched: about 20 minutes)")
   be.add_argument("--json", help="write the results here")
   be.set_defaults(fn=_bench)
 

@@ -133,14 +133,36 @@ class Search:
   median_s: dict[str, float]
   runs_s: dict[str, list[float]]
 
+  @classmethod
+  def from_runs(cls, candidates: Mapping[str, Mapping[str, float]], runs_s: Mapping[str, Sequence[float]]) -> "Search":
+    """The search's decision from measured makespans of every candidate: the lowest median; a
+    tie goes to the candidate listed first in ``candidates``."""
+    if set(runs_s) != set(candidates) or not all(len(v) for v in runs_s.values()):
+      raise ValueError(f"need at least one measurement of every candidate; candidates {sorted(candidates)}, "
+                       f"measured {sorted(k for k, v in runs_s.items() if len(v))}")
+    names = list(candidates)
+    median = {k: float(np.median(runs_s[k])) for k in names}
+    best = min(names, key=lambda k: (median[k], names.index(k)))
+    return cls(best, dict(candidates[best]), median, {k: [float(x) for x in runs_s[k]] for k in names})
+
+
+def rotated(items: Sequence, k: int) -> list:
+  """``items`` rotated left by ``k``: round ``k`` of an interleaved measurement, so that every
+  item takes every position equally often across rounds (drift and warm-up hit all alike)."""
+  items = list(items)
+  k %= max(1, len(items))
+  return items[k:] + items[:k]
+
 
 def search_plan(measure: Measure | Runner, candidates: Mapping[str, Mapping[str, float]],
                 repeats: int = 1) -> Search:
-  """Measures every candidate share vector ``repeats`` times, round-robin (so drift hits all
-  alike), and picks the lowest median makespan; a tie goes to the candidate listed first.
+  """Measures every candidate share vector ``repeats`` times, one round after another, each
+  round in an order rotated by one (:func:`rotated`), and picks the lowest median makespan; a
+  tie goes to the candidate listed first.
 
   ``measure`` is a :class:`Runner` (its ``run(shares).makespan_s``) or any
-  ``shares -> seconds``.
+  ``shares -> seconds``. The winner's median is biased low (the best of noisy draws): measure
+  it again on fresh runs before reporting it.
 
   Example::
 
@@ -155,12 +177,10 @@ def search_plan(measure: Measure | Runner, candidates: Mapping[str, Mapping[str,
     runner = measure
     measure = lambda shares: runner.run(shares).makespan_s  # noqa: E731
   runs = {k: [] for k in candidates}
-  for _ in range(repeats):
-    for k, shares in candidates.items():
-      runs[k].append(float(measure(dict(shares))))
-  median = {k: float(np.median(v)) for k, v in runs.items()}
-  best = min(candidates, key=lambda k: (median[k], list(candidates).index(k)))
-  return Search(best, dict(candidates[best]), median, runs)
+  for r in range(repeats):
+    for k in rotated(candidates, r):
+      runs[k].append(float(measure(dict(candidates[k]))))
+  return Search.from_runs(candidates, runs)
 
 
 def scaled_jobs(jobs: Sequence[Job], fraction: float, min_steps: int = 2) -> list[Job]:

@@ -52,11 +52,136 @@ def fig1_workloads(d: dict, note: str | None = None):
 
 
 COSCHED_POLICIES = ("sequential", "equal", "partitioned", "competitive", "auto", "grid_best")
+CONCURRENT_POLICIES = COSCHED_POLICIES[1:]
+
+
+def _med_err(summaries) -> tuple[list[float], list[list[float]]]:
+  """Medians and (below, above) error-bar lengths of :mod:`mtfl_jax.stats` summaries."""
+  med = [float(s["median"]) if s["median"] is not None else np.nan for s in summaries]
+  lo = [m - float(s["ci95"][0]) if s["ci95"][0] is not None else 0.0 for m, s in zip(med, summaries)]
+  hi = [float(s["ci95"][1]) - m if s["ci95"][1] is not None else 0.0 for m, s in zip(med, summaries)]
+  return med, [lo, hi]
+
+
+def _ci_text(s: dict, fmt: str = ".2f") -> str:
+  return f"{float(s['median']):{fmt}} [{float(s['ci95'][0]):{fmt}}, {float(s['ci95'][1]):{fmt}}]"
+
+
+def _legend_outside(fig, axes, right: float = 0.8):
+  """One legend for the figure, to the right of every axis (never over the data)."""
+  handles, labels = {}, {}
+  for a in np.ravel(axes):
+    for h, lab in zip(*a.get_legend_handles_labels()):
+      if lab not in labels:
+        handles[lab], labels[lab] = h, lab
+  fig.tight_layout(rect=(0, 0, right, 1))
+  fig.legend(list(handles.values()), list(labels), loc="center left", bbox_to_anchor=(right, 0.5), fontsize=8,
+             frameon=False)
+
+
+def _regimes(d: dict) -> list[str]:
+  return list(d.get("regimes") or {})
 
 
 def fig2_sharing(d: dict, note: str | None = None):
-  """Throughput normalised to sequential (median makespans; bars span the repeats' min-max):
-  per policy on the best backend, and per backend."""
+  """Speedup over sequential of every plan (median over fresh, paired repeats; error bars: 95%
+  bootstrap intervals), one panel per regime; triangles: the searched plans' numbers in their
+  own search (biased up: the best of noisy draws); each panel's title has C = sum r_i."""
+  if not all("regimes" in s for s in d["scenarios"]):
+    return _fig2_legacy(d, note)
+  sc, regimes = d["scenarios"], _regimes(d)
+  fig, ax = plt.subplots(1, len(regimes), figsize=(5.6 * len(regimes) + 2.4, 4.4), sharey=True, squeeze=False)
+  x = np.arange(len(sc))
+  width = 0.8 / len(CONCURRENT_POLICIES)
+  for a, rg in zip(ax[0], regimes):
+    arms = [s["regimes"][rg] for s in sc]
+    for k, p in enumerate(CONCURRENT_POLICIES):
+      off = x + (k - (len(CONCURRENT_POLICIES) - 1) / 2) * width
+      med, err = _med_err([arm["speedup_vs_sequential"][p] for arm in arms])
+      a.bar(off, med, width, yerr=err, capsize=2, label=p, color=POLICY_COLORS[p], ecolor="k")
+      if p in ("auto", "grid_best"):
+        a.plot(off, [float(arm["searched"][p]["search_speedup"]["median"]) for arm in arms], "v", mfc="none",
+               mec="k", ms=6, label="auto, grid_best:\ntheir search's number")
+    a.axhline(1.0, c="k", lw=0.8, label="sequential")
+    paper = d.get("paper", {}).get("training_speedup")
+    if paper is not None:
+      a.axhline(paper, ls="--", c="k", lw=1, label=f"paper: {paper:g}x (GPU)")
+    a.set_xticks(x, [s["name"] for s in sc])
+    caps = "; ".join(f"{s['name']} {_ci_text(arm['capacity'])}" for s, arm in zip(sc, arms))
+    a.set_title(f"{d['regimes'][rg]['label']}\non {d['regimes'][rg]['backend']}; C = sum r_i: {caps}", fontsize=8)
+  ax[0][0].set_ylabel("speedup vs sequential\n(median, 95% bootstrap interval)")
+  _title(fig, f"Fig. 2: sharing strategies, {d['repeats']} fresh interleaved paired repeats per plan\n"
+              f"({d.get('gpu_regime', '')})", d["device"], note)
+  _legend_outside(fig, ax, right=0.78)
+  return fig
+
+
+def fig3_vresource(d: dict, note: str | None = None):
+  """Each task's virtual resource against its share, measured co-run and predicted."""
+  curves = d["curves"]
+  fig, ax = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+  for a, (task, c) in zip(ax[0], curves.items()):
+    a.plot(c["share"], c["measured"], "o-", label="measured, co-run")
+    a.plot(c["share"], c["predicted"], "s--", label="model")
+    a.axhline(1.0, c="k", lw=0.8, ls=":", label="solo")
+    a.set_xlabel(f"share of {task} (others at 1.0)")
+    a.set_ylabel("virtual resource r")
+    a.set_ylim(0, 1.15)
+    a.set_title(task, fontsize=9)
+  ax[0][0].legend(fontsize=8)
+  _title(fig, f"Fig. 3: virtual resource vs allocation, mix {'+'.join(curves)}; capacity C = "
+              f"{d['capacity']:.2f}, backend {d['backend']}", d['device'], note)
+  fig.tight_layout()
+  return fig
+
+
+def _most_imbalanced(scenarios: list) -> dict:
+  def spread(s):
+    w = s.get("work") or list(s["solo_work_s"].values())
+    return max(w) / min(w)
+  return max(scenarios, key=spread)
+
+
+def fig4_intra(d: dict, note: str | None = None):
+  """Per-task finish times under every plan (medians over fresh repeats, error bars: 95%
+  bootstrap intervals), black: the makespan, dashed: the model's competitive makespan; one
+  panel per regime, the most imbalanced mix. The title gives equal / competitive and whether
+  its interval excludes 1."""
+  if not all("regimes" in s for s in d["scenarios"]):
+    return _fig4_legacy(d, note)
+  sc, regimes = _most_imbalanced(d["scenarios"]), _regimes(d)
+  tasks, pols = sc["tasks"], CONCURRENT_POLICIES
+  height = 0.5 + 0.55 * len(pols) * (1 + len(tasks) / 4)
+  fig, ax = plt.subplots(1, len(regimes), figsize=(5.4 * len(regimes) + 2.4, height), sharey=True, squeeze=False)
+  h = 0.8 / (len(tasks) + 1)
+  for a, rg in zip(ax[0], regimes):
+    arm = sc["regimes"][rg]
+    for k, p in enumerate(pols):
+      for j, t in enumerate(tasks):
+        (m,), err = _med_err([arm["finish_times_s"][p][t]])
+        a.barh(k + (j - len(tasks) / 2) * h, m, h * 0.9, xerr=[[err[0][0]], [err[1][0]]], capsize=2,
+               color=plt.cm.tab10(j), label=t)
+      (m,), err = _med_err([arm["makespan_s"][p]])
+      a.errorbar([m], [k + len(tasks) / 2 * h], xerr=[[err[0][0]], [err[1][0]]], fmt="s", c="k", ms=4, capsize=3,
+                 label="makespan")
+    pred = arm["plans"]["competitive"]["predicted_makespan_s"]
+    if pred is not None:
+      a.axvline(pred, ls="--", c=POLICY_COLORS["competitive"], label="model: competitive makespan")
+    cve = arm["competitive_vs_equal"]
+    a.set_title(f"{d['regimes'][rg]['label']}\nequal / competitive makespan {_ci_text(cve)}: {cve['verdict']}",
+                fontsize=8)
+    a.set_xlabel("finish time (s from the common start)")
+    a.set_yticks(range(len(pols)), pols)
+  _title(fig, f"Fig. 4: intra-device scheduling, scenario '{sc['name']}' ({d['repeats']} fresh repeats)",
+         d["device"], note)
+  _legend_outside(fig, ax)
+  return fig
+
+
+# --------------------------------------------------------------------------- legacy recordings
+def _fig2_legacy(d: dict, note: str | None = None):
+  """fig. 2 of a recording made before the regimes and intervals (medians; bars span min-max):
+  kept so that such recordings still redraw."""
   sc = d["scenarios"]
   fig, ax = plt.subplots(1, 2, figsize=(13, 4))
   pols = [p for p in COSCHED_POLICIES if p in sc[0]["makespan_s"]]
@@ -95,27 +220,8 @@ def fig2_sharing(d: dict, note: str | None = None):
   return fig
 
 
-def fig3_vresource(d: dict, note: str | None = None):
-  """Each task's virtual resource against its share, measured co-run and predicted."""
-  curves = d["curves"]
-  fig, ax = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
-  for a, (task, c) in zip(ax[0], curves.items()):
-    a.plot(c["share"], c["measured"], "o-", label="measured, co-run")
-    a.plot(c["share"], c["predicted"], "s--", label="model")
-    a.axhline(1.0, c="k", lw=0.8, ls=":", label="solo")
-    a.set_xlabel(f"share of {task} (others at 1.0)")
-    a.set_ylabel("virtual resource r")
-    a.set_ylim(0, 1.15)
-    a.set_title(task, fontsize=9)
-  ax[0][0].legend(fontsize=8)
-  _title(fig, f"Fig. 3: virtual resource vs allocation, mix {'+'.join(curves)}; capacity C = "
-              f"{d['capacity']:.2f}, backend {d['backend']}", d['device'], note)
-  fig.tight_layout()
-  return fig
-
-
-def fig4_intra(d: dict, note: str | None = None):
-  """Per-task finish times and makespan: equal vs competitive shares (most imbalanced mix)."""
+def _fig4_legacy(d: dict, note: str | None = None):
+  """fig. 4 of a recording made before the regimes and intervals: kept so that it still redraws."""
   sc = max(d["scenarios"], key=lambda s: max(s["solo_work_s"].values()) / min(s["solo_work_s"].values()))
   pols = [p for p in COSCHED_POLICIES if p in sc["finish_times_s"]]
   fig, ax = plt.subplots(figsize=(8, 4.6))

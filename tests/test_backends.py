@@ -54,12 +54,36 @@ def test_round_from_given_params_equals_the_reference_loop(backend, reference_pa
       assert len(rows) >= 3 and len(set(rows)) >= 2, rows  # several, uneven slices
     res = r.run(EQ_SHARES, params=_given_params(), return_params=True)
     seeded = r.run(EQ_SHARES, return_params=True).params
+    if backend == "processes" and len(os.sched_getaffinity(0)) >= 2:  # XLA's default: a pool thread per core
+      assert r.solo_threads["shapes_unet"]["busy_threads"] >= 2, r.solo_threads
   assert res.makespan_s == pytest.approx(max(res.finish_times_s.values()))
   for name, ref in reference_params.items():
     # bitwise on XLA CPU: the same compiled step on the same batches from the same params
     # (fused on CPU runs without stream annotations; with them, see test_streams.py)
     assert _max_diff(ref, res.params[name]) == 0.0, (backend, name)
     assert _max_diff(ref, seeded[name]) > 0, (backend, name)  # the params did matter
+
+
+def test_one_compute_thread_per_worker_keeps_the_maths_and_runs_one_by_one(reference_params):
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("a cap of one compute thread is visible with two cores or more")
+  with open_backend("processes", EQ_JOBS, compute_threads=1) as r:
+    threads = r.solo_threads
+    res = r.run(EQ_SHARES, params=_given_params(), return_params=True)
+    seq = r.run_sequential(params=_given_params(), return_params=True)
+  # the convolution task, whose step XLA splits over every pool thread, works on one thread
+  assert threads["shapes_unet"]["busy_threads"] == 1, threads
+  for name, ref in reference_params.items():
+    # the same maths to float rounding: one thread sums a convolution's partial results in
+    # another order than the reference's pool of two (bitwise between the capped runs)
+    assert _max_diff(ref, res.params[name]) < 1e-6 and _max_diff(res.params[name], seq.params[name]) == 0.0, name
+  names = [j.name for j in EQ_JOBS]
+  for a, b in zip(names, names[1:]):  # one after another, in job order
+    assert np.nanmin(seq.step_times_s[b]) >= seq.finish_times_s[a]
+  assert seq.makespan_s == seq.finish_times_s[names[-1]] == max(seq.finish_times_s.values())
+  for bad in (0, len(os.sched_getaffinity(0)) + 1, 1.5):
+    with pytest.raises(ValueError, match="compute_threads must be an integer"):
+      open_backend("processes", EQ_JOBS, compute_threads=bad)
 
 
 def test_slice_schedule_follows_shares():

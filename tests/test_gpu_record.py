@@ -73,12 +73,17 @@ def test_parser_says_why_when_it_cannot_attribute(tmp_path):
 
 # --------------------------------------------------------------------------- targets
 def test_targets_pass_fail_with_their_numbers():
-  raw = {"cosched": {"scenarios": [{"backend": "processes", "speedup_vs_sequential": 2.4, "prediction_error": -0.2}]},
+  def arm(backend, comp, auto, err):
+    return {"backend": backend, "speedup_vs_sequential": {"competitive": {"median": comp}, "auto": {"median": auto}},
+            "prediction_error": {"competitive": {"median": err}}}
+  raw = {"cosched": {"scenarios": [{"regimes": {"a_processes": arm("processes", 2.4, 2.2, -0.2),
+                                                "a_threads": arm("threads", 1.3, 1.4, 0.1)}}]},
          "gpu_sharing": {"variants": {"threads": {"speedup_vs_sequential": 1.5}, "fused_streams": {"error": "x"}}},
          "federated": {"simulator": {"per_task": [{"task": "mnist_lenet", "clients": 32, "auto_s": 0.01}]}}}
   cpu = {"simulator": {"per_task": [{"task": "mnist_lenet", "clients": 32, "auto_s": 0.5}]}}
   speed, model, sim = gpu_record.targets(raw, cpu)
-  assert speed["pass"] and speed["value"] == 2.4 and "processes" in speed["plan"]
+  assert speed["pass"] and speed["value"] == 2.4 and speed["plan"] == "cosched competitive on processes"
+  assert speed["candidates"]["cosched auto on threads"] == 1.4  # medians over fresh repeats, every regime
   assert model["pass"] is False and model["value"] == -0.2
   assert sim["pass"] and sim["value"] == pytest.approx(50.0)
   speed, model, sim = gpu_record.targets({}, None)

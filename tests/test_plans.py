@@ -5,8 +5,8 @@ import itertools
 import pytest
 
 from mtfl_jax.backends import Job, RunResult, Runner
-from mtfl_jax.cosched import (POLICIES, blend, candidate_shares, make_plan, plan_shares, scaled_jobs, search_plan,
-                              share_grid)
+from mtfl_jax.cosched import (POLICIES, Search, blend, candidate_shares, make_plan, plan_shares, rotated, scaled_jobs,
+                              search_plan, share_grid)
 from mtfl_jax.vresource import VRModel
 
 JOBS = [Job("digits_mlp", 40), Job("mnist_lenet", 10), Job("shapes_unet", 4)]
@@ -91,7 +91,7 @@ def test_ties_go_to_the_first_listed_candidate():
 
 
 def test_search_takes_the_median_of_interleaved_repeats():
-  # candidate "x" is fast twice and once very slow; "y" is steady: medians 1.0 vs 1.5
+  # rounds x,y / y,x / x,y: "x" gets 1.0, 1.5, 1.0 and "y" 1.5, 9.0, 1.5: medians 1.0 vs 1.5
   seq = iter([1.0, 1.5, 9.0, 1.5, 1.0, 1.5])
   order = []
 
@@ -100,8 +100,8 @@ def test_search_takes_the_median_of_interleaved_repeats():
     return next(seq)
 
   s = search_plan(measure, {"x": {"t": 0.0}, "y": {"t": 1.0}}, repeats=3)
-  assert order == [0.0, 1.0] * 3  # round-robin, not x, x, x, y, y, y
-  assert s.runs_s == {"x": [1.0, 9.0, 1.0], "y": [1.5, 1.5, 1.5]}
+  assert order == [0.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # interleaved, rotated: not x, x, x, y, y, y
+  assert s.runs_s == {"x": [1.0, 1.5, 1.0], "y": [1.5, 9.0, 1.5]}
   assert s.median_s == {"x": 1.0, "y": 1.5} and s.best == "x"
 
 
@@ -115,3 +115,22 @@ def test_search_policies_need_a_measure_and_probe_is_used():
   assert plan.backend == "threads" and plan.shares["digits_mlp"] == 0.25
   assert [j.steps for j in probe.jobs] == [10, 2, 2]  # 40, 10, 4 scaled by 1/4 (at least 2)
   assert set(POLICIES) >= {"auto", "grid_best", "competitive", "equal", "partitioned", "sequential"}
+
+
+def test_rotated_rounds_put_every_item_in_every_position():
+  items = ["s", "a", "b", "c"]
+  rounds = [rotated(items, k) for k in range(8)]
+  assert rounds[1] == ["a", "b", "c", "s"] and rounds[4] == items and rotated(items, -1) == ["c", "s", "a", "b"]
+  for pos in range(4):  # 8 rounds of 4 items: each item twice in each position
+    assert sorted(r[pos] for r in rounds) == sorted(items * 2)
+
+
+def test_search_decision_from_runs_by_brute_force():
+  cands = {"p": {"x": 1.0}, "q": {"x": 0.5}, "r": {"x": 0.25}}
+  runs = {"p": [3.0, 1.0, 2.0], "q": [2.0, 2.0, 9.0], "r": [1.0, 5.0, 2.0]}  # medians 2, 2, 2: a three-way tie
+  assert Search.from_runs(cands, runs).best == "p"
+  runs["r"] = [1.0, 5.0, 1.9]
+  s = Search.from_runs(cands, runs)
+  assert (s.best, s.shares, s.median_s) == ("r", {"x": 0.25}, {"p": 2.0, "q": 2.0, "r": 1.9})
+  with pytest.raises(ValueError, match="every candidate"):
+    Search.from_runs(cands, {"p": [1.0], "q": [], "r": [1.0]})

@@ -48,9 +48,48 @@ def test_local_update_equals_single_steps(mode):
   assert fn._cache_size() == 1  # a second call with new data reuses the compiled program
 
 
-def test_auto_mode_picks_by_measurement():
-  assert mt.train.choose_local_mode("mnist_lenet", 3, repeats=1) in ("unroll", "scan")
-  assert ("mnist_lenet" in str(list(mt.train._MODE_CACHE)))
+def _scripted_times(monkeypatch, script):
+  """Replaces train.time_calls by one that returns the next list of ``script`` (and records how
+  many calls were timed): the mode choice is then a known function of known timings."""
+  calls = []
+
+  def fake(fn, repeats=3, warmup=1):
+    calls.append(repeats)
+    return script.pop(0)
+
+  monkeypatch.setattr(mt.train, "time_calls", fake)
+  monkeypatch.setattr(mt.train, "_MODE_CACHE", {})
+  return calls
+
+
+@pytest.mark.parametrize("script,expected,timed", [
+    # unroll's best 1.0; scan's first 0.5 (< 1.5x): measured again, best 0.5 -> scan
+    ([[1.0, 1.2, 1.1], [0.5], [0.6, 0.55]], "scan", 3),
+    # scan's first run 2.0 >= 1.5 x 1.0: settled after one run -> unroll
+    ([[1.0, 1.2, 1.1], [2.0]], "unroll", 2),
+    # scan close (1.2), measured again, its best 1.05 still slower than 1.0 -> unroll
+    ([[1.0, 1.2, 1.1], [1.2], [1.05, 1.3]], "unroll", 3),
+])
+def test_auto_mode_picks_the_faster_by_the_timings(monkeypatch, script, expected, timed):
+  calls = _scripted_times(monkeypatch, script)
+  assert mt.train.choose_local_mode("digits_mlp", 3, repeats=3) == expected
+  assert len(calls) == timed and script == []
+  assert mt.train.choose_local_mode("digits_mlp", 3, repeats=3) == expected and len(calls) == timed  # cached
+
+
+def test_auto_mode_on_real_timings_is_the_faster_one(monkeypatch):
+  # the real measurement, watched: the first timed call is unroll's, the others scan's
+  real, seen = mt.train.time_calls, []
+
+  def spy(fn, repeats=3, warmup=1):
+    t = real(fn, repeats, warmup)
+    seen.append(min(t))
+    return t
+
+  monkeypatch.setattr(mt.train, "time_calls", spy)
+  monkeypatch.setattr(mt.train, "_MODE_CACHE", {})
+  got = mt.train.choose_local_mode("mnist_lenet", 3, repeats=2)
+  assert got == ("scan" if min(seen[1:]) < seen[0] else "unroll"), seen
   with pytest.raises(ValueError, match="unknown mode"):
     mt.make_local_update("digits_mlp", 2, "vmap")
   with pytest.raises(ValueError, match="num_steps must be a positive integer"):

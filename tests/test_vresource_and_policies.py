@@ -1,8 +1,13 @@
+import time
+
+import jax
 import numpy as np
 import pytest
 
 import mtfl_jax as mt
-from mtfl_jax.backends import Job, RunResult, Runner
+from mtfl_jax.backends import BACKENDS, Job, RunResult
+from mtfl_jax.backends.sequential import SequentialRunner
+from mtfl_jax.calibration import calibrate
 from mtfl_jax.cosched import check_memory, plan_shares
 from mtfl_jax.vresource import VRModel, measured_rates, water_fill
 
@@ -133,11 +138,30 @@ def test_memory_that_does_not_fit_is_refused_clearly():
     check_memory(jobs, available=2**20)
 
 
-def test_run_round_measures_and_predicts():
+def test_run_round_runs_the_competitive_plan_of_its_own_model(monkeypatch):
+  import mtfl_jax.cosched as cs
+  from mtfl_jax.backends.base import Feed
   jobs = [Job("digits_mlp", 60, seed=0), Job("mnist_lenet", 8, seed=1)]
-  res, plan = mt.run_round(jobs, policy="competitive", backend="threads")
-  assert plan.policy == "competitive" and plan.predicted_makespan_s > 0
-  assert res.makespan_s > 0 and set(res.finish_times_s) == {"digits_mlp", "mnist_lenet"}
+  fitted = []  # the model run_round fits (the real calibration, watched)
+  monkeypatch.setattr(cs, "calibrate", lambda r, warmup=False: fitted.append(calibrate(r, warmup)) or fitted[-1])
+  res, plan = mt.run_round(jobs, policy="competitive", backend="threads", return_params=True)
+  (model,) = fitted
+  # closed form of the weighted plan (all tasks finish together): shares T_i u_i / max, and
+  # T = max(max_i T_i, sum_i T_i u_i), with T_i = W_i s_i; predict() steps through events instead
+  work = {j.name: j.steps * model.solo_step_s[j.name] for j in jobs}
+  w = {n: work[n] * model.demand[n] for n in work}
+  assert plan.shares == pytest.approx({n: v / max(w.values()) for n, v in w.items()})
+  assert plan.predicted_makespan_s == pytest.approx(max(max(work.values()), sum(w.values())), rel=1e-9)
+  # the result is the run under those shares: times from its own stamps, the sequential maths
+  assert res.shares == plan.shares
+  assert res.finish_times_s == {n: float(np.nanmax(t)) for n, t in res.step_times_s.items()}
+  assert res.makespan_s == max(res.finish_times_s.values())
+  for job in jobs:  # a plain loop of the jitted step over the job's batches
+    step, feed, state = jax.jit(mt.make_train_step(job.task)), Feed(job), mt.init_state(job.task, job.seed)
+    for i in range(job.steps):
+      state, _ = step(state, feed.batch(i))
+    diff = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), jax.device_get(state.params), res.params[job.name])
+    assert max(jax.tree.leaves(diff)) == 0.0, job.name
   with pytest.raises(ValueError, match="unknown policy"):
     mt.run_round(jobs, policy="fastest")
 
@@ -156,24 +180,30 @@ def test_fit_reproduces_the_whole_equal_run():
   assert fitted.predict(wl, shares).makespan_s == pytest.approx(truth.predict(wl, shares).makespan_s, rel=0.05)
 
 
-def test_auto_backend_is_chosen_by_measurement(monkeypatch):
-  import mtfl_jax.cosched as cs
-  makespans = {"processes": 3.0, "threads": 2.0, "fused": 1.5}
+class _DelayedSequential(SequentialRunner):
+  """Test fixture: the real sequential backend, each step delayed by ``DELAY_S`` seconds in
+  Python, so its makespan is longer by at least steps x DELAY_S."""
+  name = "delayed_sequential"
+  DELAY_S = 0.01
 
-  class Fake(Runner):
-    def __init__(self, name, jobs):
-      super().__init__(jobs)
-      self.name = name
+  def __init__(self, jobs):
+    super().__init__(jobs)
+    self.step = {n: self._delayed(f) for n, f in self.step.items()}
 
-    def run(self, shares=None, params=None, return_params=False):
-      t = makespans[self.name] * (1.0 if shares is None or max(shares.values()) == 1.0 else 9.0)
-      return RunResult(self.name, {}, t, {j.name: t for j in self.jobs}, {}, 0.0)
+  def _delayed(self, f):
+    def step(state, batch):
+      time.sleep(self.DELAY_S)
+      return f(state, batch)
+    return step
 
-  monkeypatch.setattr(cs, "open_backend", lambda name, jobs, **kw: Fake(name, jobs))
-  monkeypatch.setattr(cs, "calibrate", lambda r, warmup=False: VRModel({"digits_mlp": 1.0, "mnist_lenet": 1.0},
-                                                          {"digits_mlp": 1.0, "mnist_lenet": 1.0}, {}))
-  jobs = [Job("digits_mlp", 2), Job("mnist_lenet", 6)]
-  best, times = mt.choose_backend(jobs, candidates=("processes", "threads", "fused"))
-  assert best == "fused" and times == makespans  # the competitive runs' makespans, as measured
-  with pytest.raises(ValueError, match="valid backends: auto, fused"):
+
+@pytest.mark.parametrize("order", [("delayed_sequential", "sequential"), ("sequential", "delayed_sequential")])
+def test_choose_backend_picks_the_faster_measured_backend(monkeypatch, order):
+  monkeypatch.setitem(BACKENDS, _DelayedSequential.name, _DelayedSequential)
+  jobs = [Job("digits_mlp", 20), Job("mnist_lenet", 6)]
+  best, times = mt.choose_backend(jobs, candidates=order)
+  extra = sum(j.steps for j in jobs) * _DelayedSequential.DELAY_S  # 0.26 s, over a ~0.05 s round
+  assert best == "sequential", times
+  assert times["delayed_sequential"] - times["sequential"] >= 0.8 * extra, times
+  with pytest.raises(ValueError, match="valid backends: auto, "):
     mt.run_round(jobs, backend="gpu")

@@ -15,6 +15,19 @@ Shares become the operating system's knobs:
   and its CFS weight (nice value; ~1.25x per step) follows its share. Linux keeps affinity
   and nice per thread, so both are applied to every thread of a worker.
 
+``compute_threads=k`` caps each worker at ``k`` compute threads: the worker process starts on
+``k`` cores, so XLA CPU sizes its thread pool to them, and is then given every core. The cap
+stays, as the pool keeps its size; the ``XLA_FLAGS`` switch ``--xla_cpu_multi_thread_eigen=false``
+instead leaves a convolution step on every core (the co-scheduling benchmark's
+``probe_compute_threads`` measures both). With one compute thread per task and more tasks than
+cores, a task alone cannot fill the device, as a GPU kernel too small for its SMs cannot: the
+regime of the paper. ``solo_threads`` says what each worker used: per-thread CPU seconds while
+its solo time was measured, and how many threads did real work (the dispatching Python thread
+counts too).
+
+:meth:`ProcessesRunner.run_sequential` runs the tasks one after another, each in its worker:
+the sequential baseline under the same per-task limits.
+
 Workers that crash or do not answer within ``timeout_s`` are reported by task name (with
 the end of their stderr; an exception raised in a worker arrives with its traceback) and all
 workers are reaped: no hang, no orphan process. (Tests make a worker crash or hang on purpose
@@ -50,7 +63,11 @@ class WorkerError(RuntimeError):
 # (a user script without an `if __name__ == "__main__":` guard would start the whole script
 # again in every worker), while `python -c` imports nothing of the user's. The job arrives
 # cloudpickled, so a model class defined in a script or notebook travels by value.
-_WORKER_CMD = "from mtfl_jax.backends.processes import _serve; _serve()"
+# MTFL_WORKER_START_CORES pins the worker before anything starts a thread (compute_threads).
+_START_CORES_ENV = "MTFL_WORKER_START_CORES"
+_WORKER_CMD = (f"import os; c = os.environ.pop('{_START_CORES_ENV}', ''); "
+               "c and os.sched_setaffinity(0, [int(x) for x in c.split(',')]); "
+               "from mtfl_jax.backends.processes import _serve; _serve()")
 # For tests of failure handling only: "crash" or "hang" makes the worker fail at its next run.
 _FAULT_ENV = "MTFL_TEST_WORKER_FAULT"
 
@@ -59,6 +76,31 @@ def _serve():
   """Entry point of a worker process: argv[1] is the file descriptor of its connection."""
   import sys
   _worker_main(mpc.Connection(int(sys.argv[1])))
+
+
+def thread_cpu_s() -> dict[int, float]:
+  """CPU seconds of every thread of this process so far (Linux per-thread CPU clocks; empty
+  elsewhere)."""
+  out = {}
+  try:
+    tids = os.listdir("/proc/self/task")
+  except OSError:
+    return out
+  for t in tids:
+    try:
+      out[int(t)] = time.clock_gettime(((~int(t)) << 3) | 6)  # the thread's CPUCLOCK_SCHED clock id
+    except (OSError, ValueError, OverflowError):
+      continue
+  return out
+
+
+def busy_threads(before: Mapping[int, float], after: Mapping[int, float], wall_s: float) -> dict:
+  """Per-thread CPU seconds between two :func:`thread_cpu_s` snapshots (busiest first) and how
+  many threads did real work: at least a quarter of the busiest one's CPU time."""
+  d = sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)
+  top = d[0] if d else 0.0
+  return {"busy_threads": sum(1 for x in d if top > 0 and x >= 0.25 * top) or None,
+          "thread_cpu_s": [round(x, 4) for x in d[:4]], "cpu_s": round(sum(d), 4), "wall_s": round(wall_s, 4)}
 
 
 def _worker_main(conn):
@@ -80,7 +122,9 @@ def _worker_main(conn):
       if msg[0] == "stop":
         return
       if msg[0] == "solo":
-        conn.send(("solo", time_solo(step, state, feed, job.steps)))
+        before, t0 = thread_cpu_s(), time.perf_counter()
+        step_s = time_solo(step, state, feed, job.steps)
+        conn.send(("solo", step_s, busy_threads(before, thread_cpu_s(), time.perf_counter() - t0)))
       elif msg[0] == "run":
         _, start_at, params, return_params, every = msg
         fault = os.environ.get(_FAULT_ENV)
@@ -234,9 +278,12 @@ class ProcessesRunner(Runner):
   name = "processes"
 
   def __init__(self, jobs, timeout_s: float = 600.0, start_timeout_s: float = 600.0,
-               platform: str | None = None, use_mps: bool = True, _faults: Mapping[str, str] | None = None):
-    """``_faults`` (tests only): ``{task: "crash" | "hang"}`` makes that task's worker fail
-    when it is asked to run."""
+               platform: str | None = None, use_mps: bool = True, compute_threads: int | None = None,
+               worker_env: Mapping[str, str] | None = None, _faults: Mapping[str, str] | None = None):
+    """``compute_threads``: CPU only, each worker's compute threads (None: XLA's default, one per
+    core); ``worker_env``: extra environment of the workers (e.g. ``XLA_FLAGS``).
+    ``_faults`` (tests only): ``{task: "crash" | "hang"}`` makes that task's worker fail when it
+    is asked to run."""
     timeout_s = check_seconds("timeout_s", timeout_s, self.name)
     start_timeout_s = check_seconds("start_timeout_s", start_timeout_s, self.name)
     super().__init__(jobs)
@@ -252,6 +299,14 @@ class ProcessesRunner(Runner):
     if self.use_mps and not mps_daemon_running():
       raise RuntimeError(MPS_HELP)
     self.cores = sorted(os.sched_getaffinity(0))
+    if compute_threads is not None:
+      if self.platform == "gpu":
+        raise ValueError("compute_threads caps CPU compute threads; on a GPU, shares are MPS percentages")
+      if not (isinstance(compute_threads, int) and 1 <= compute_threads <= len(self.cores)):
+        raise ValueError(f"compute_threads must be an integer in 1..{len(self.cores)} (this process's "
+                         f"cores), got {compute_threads!r}")
+    self.compute_threads = compute_threads
+    self.worker_env = dict(worker_env or {})
     self.job_bytes = {}
     for job in self.jobs:  # before any worker starts: a job that cannot travel fails here
       try:
@@ -263,10 +318,11 @@ class ProcessesRunner(Runner):
     self.workers: dict[str, _Worker] = {}
     self.mps_shares: dict[str, float] | None = None
     self.setup_s = self._start({j.name: 1.0 for j in self.jobs})
-    self.solo_step_s = {}
+    self._place({j.name: 1.0 for j in self.jobs})  # every core: a capped worker keeps its cap
+    self.solo_step_s, self.solo_threads = {}, {}
     for job in self.jobs:  # one at a time: solo means alone on the device
       self.workers[job.name].conn.send(("solo",))
-      self.solo_step_s[job.name] = self._recv(job.name, "solo")[1]
+      _, self.solo_step_s[job.name], self.solo_threads[job.name] = self._recv(job.name, "solo")
 
   # -- worker management
   def _start(self, shares: Mapping[str, float]) -> float:
@@ -274,12 +330,17 @@ class ProcessesRunner(Runner):
     self.close()
     env = dict(os.environ)
     env.pop(_FAULT_ENV, None)  # only a fault asked for below reaches a worker
+    env.pop(_START_CORES_ENV, None)
     env["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     # the parent's import path, so mtfl_jax and modules the job refers to import the same
     env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    env.update(self.worker_env)
     try:
-      for job in self.jobs:
+      for i, job in enumerate(self.jobs):
+        if self.compute_threads:  # start on k cores (spread over the workers), widened in _place
+          k = self.compute_threads
+          env[_START_CORES_ENV] = ",".join(str(self.cores[(i * k + j) % len(self.cores)]) for j in range(k))
         if self.use_mps:
           env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
         fault = {_FAULT_ENV: self._faults[job.name]} if job.name in self._faults else {}
@@ -350,6 +411,25 @@ class ProcessesRunner(Runner):
     finish = {n: float(np.nanmax(t)) for n, t in stamps.items()}
     return RunResult(self.name, shares, max(finish.values()), finish, stamps, setup,
                      out if return_params else None)
+
+  def run_sequential(self, params=None, return_params=False) -> RunResult:
+    """The tasks one after another, each alone in its own worker with every core (a worker
+    capped by ``compute_threads`` stays capped): the sequential baseline of this runner's
+    regime. Times count from the first task's start; the gaps between tasks (messages) are
+    left out, as they would not exist in one process."""
+    if not self.workers:
+      raise RuntimeError("this runner is closed (a worker failed or close() was called); open a new one")
+    shares = check_shares(self.jobs, None)
+    setup = self._place(shares)
+    offset, stamps, out, finish = 0.0, {}, {}, {}
+    for job in self.jobs:
+      p = None if params is None else params.get(job.name)
+      start_at = time.perf_counter() + 0.02
+      self.workers[job.name].conn.send(("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
+      _, own, out[job.name] = self._recv(job.name, "run")
+      stamps[job.name] = np.asarray(own, float) + offset
+      finish[job.name] = offset = float(np.nanmax(stamps[job.name]))
+    return RunResult(self.name, shares, offset, finish, stamps, setup, out if return_params else None)
 
   def close(self):
     for w in self.workers.values():

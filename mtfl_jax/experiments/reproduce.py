@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mtfl_jax.experiments.paper import PAPER, fl_gain_text, speedup_text
-from mtfl_jax.experiments.scenarios import COSCHED_SCENARIOS, FED_SCENARIOS, FedScenario, Scenario
+from mtfl_jax.experiments.scenarios import FED_SCENARIOS, FedScenario
 from mtfl_jax.profiling import device_name, device_slug
 from mtfl_jax.results import check_writable, read_json, reading, write_json
 
@@ -24,10 +24,14 @@ class ReproConfig:
   mode: str
   profile_tasks: tuple = ("digits_mlp", "mnist_lenet", "cifar_resnet", "shapes_unet")
   profile_repeats: int = 20
-  cosched_scenarios: tuple | None = None  # None: scenarios.COSCHED_SCENARIOS
-  cosched_total_s: float = 1.0  # solo work per round
-  cosched_backends: tuple = ("processes", "threads", "fused")
-  repeats: int = 3  # interleaved co-scheduling repeats (medians and spreads)
+  # the co-scheduling benchmark: its mode (bench_cosched.config), and fields that replace the
+  # mode's where not None
+  cosched_mode: str = "quick"
+  cosched_scenarios: tuple | None = None
+  cosched_regimes: tuple | None = None  # scenarios.Regime values
+  cosched_total_s: float | None = None  # solo work per round
+  repeats: int | None = None  # fresh interleaved co-scheduling repeats (medians and intervals)
+  cosched_search_repeats: int | None = None
   vr_tasks: tuple = ("digits_mlp", "mnist_lenet", "shapes_unet")
   vr_grid: tuple = (0.2, 0.5, 1.0)
   fed_scenarios: tuple | None = None  # None: scenarios.FED_SCENARIOS
@@ -40,17 +44,12 @@ class ReproConfig:
 
 def config(mode: str) -> ReproConfig:
   if mode == "quick":
-    # No 'fused' in quick mode: every share vector that auto / grid_best try is a new slice
-    # schedule, i.e. new XLA programs to compile (195 s of one quick scenario's 608 s, measured
-    # on the loaded 2-core CPU), and on XLA CPU fused has never been the fastest backend.
-    return ReproConfig("quick", cosched_backends=("processes", "threads"))
+    return ReproConfig("quick")
   if mode == "full":
-    return ReproConfig("full", profile_repeats=50, cosched_total_s=8.0, repeats=5,
+    return ReproConfig("full", profile_repeats=50, cosched_mode="full",
                        vr_grid=(0.1, 0.25, 0.5, 0.75, 1.0), fed_rounds=40, fed_per_round=10)
   if mode == "tiny":  # for tests: every code path, seconds of measurement
-    return ReproConfig("tiny", profile_tasks=("digits_mlp", "mnist_lenet"), profile_repeats=3,
-                       cosched_scenarios=(Scenario("tiny", ("digits_mlp", "mnist_lenet"), (1.0, 3.0)),),
-                       cosched_total_s=0.4, cosched_backends=("processes", "threads"), repeats=2,
+    return ReproConfig("tiny", profile_tasks=("digits_mlp", "mnist_lenet"), profile_repeats=3, cosched_mode="tiny",
                        vr_tasks=("digits_mlp", "mnist_lenet"), vr_grid=(0.3, 1.0),
                        fed_scenarios=(FedScenario("tiny", ("digits_mlp", "mnist_lenet"), 0.5, 0.5),),
                        fed_rounds=2, fed_clients=4, fed_per_round=4, sim_tasks=("digits_mlp",))
@@ -78,8 +77,9 @@ def exp_workloads(cfg: ReproConfig, seed: int, log) -> dict:
 
 def exp_cosched(cfg: ReproConfig, seed: int, log) -> dict:
   from mtfl_jax.experiments.bench_cosched import bench_cosched
-  return bench_cosched(quick=cfg.mode != "full", scenarios=cfg.cosched_scenarios or COSCHED_SCENARIOS,
-                       backends=cfg.cosched_backends, repeats=cfg.repeats, total_s=cfg.cosched_total_s, log=log)
+  return bench_cosched(cfg.cosched_mode, scenarios=cfg.cosched_scenarios, regimes=cfg.cosched_regimes,
+                       total_s=cfg.cosched_total_s, repeats=cfg.repeats, search_repeats=cfg.cosched_search_repeats,
+                       log=log)
 
 
 def exp_vresource(cfg: ReproConfig, seed: int, log) -> dict:
@@ -105,8 +105,88 @@ def _spread(values) -> str:
   return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else "1 run"
 
 
+def _ci(summary: dict, fmt: str = ".2f", unit: str = "") -> str:
+  from mtfl_jax.experiments.bench_cosched import interval_text
+  return interval_text(summary, fmt, unit)
+
+
+def _short(cs: dict, rg: str) -> str:
+  """A regime's short name in the report: the "(a)" / "(b)" of its label, else its key."""
+  label = cs["regimes"][rg]["label"]
+  return label.split(" ")[0] if label.startswith("(") else rg
+
+
+def _most_imbalanced(cs: dict) -> dict:
+  return max(cs["scenarios"], key=lambda s: max(s["work"]) / min(s["work"]))
+
+
+def _cosched_rows(cs: dict) -> tuple[dict, str, dict]:
+  """fig2's and fig4's rows, and fig3's makespan-error text, from the co-scheduling benchmark's
+  medians and 95% intervals (fresh, paired repeats; searched plans re-measured)."""
+  if not all("regimes" in s for s in cs["scenarios"]):
+    return _legacy_cosched_rows(cs)
+  arms = [(s, rg, arm) for s in cs["scenarios"] for rg, arm in s["regimes"].items()]
+  n = f"{cs['repeats']} fresh interleaved paired repeats per plan"
+  fig2 = {"figure": "fig2_sharing",
+          "headline": "training speedup vs sequential per regime, median [95% interval]; searched plans re-measured on "
+                      "fresh repeats ('search': their number in their own search rounds, biased up)",
+          "ours": "; ".join(
+              f"{s['name']} {_short(cs, rg)}: competitive {_ci(a['speedup_vs_sequential']['competitive'], unit='x')}, "
+              + ", ".join(f"{p} {_ci(a['searched'][p]['fresh_speedup'], unit='x')} (search "
+                          f"{float(a['searched'][p]['search_speedup']['median']):.2f}x)" for p in ("auto", "grid_best"))
+              + f"; C = sum r_i {_ci(a['capacity'])}" for s, rg, a in arms),
+          "paper": speedup_text(), "device": cs["device"],
+          "spread": f"95% bootstrap intervals; {n}; searches on {cs['search_repeats']} rounds of their own",
+          "note": "regimes: " + "; ".join(f"{v['label']} on {v['backend']}" for v in cs["regimes"].values())
+                  + f". {cs['gpu_regime'][0].upper() + cs['gpu_regime'][1:]}. "
+                  + (_probe_text(cs["probe"]) + ". " if cs.get("probe") else "")
+                  + f"Paper's {speedup_text()} was on a GPU."}
+  err = "; makespan error (competitive, predicted / measured - 1) " + ", ".join(
+      f"{s['name']} {_short(cs, rg)} {_ci(a['prediction_error']['competitive'], '+.0%')}" for s, rg, a in arms)
+  heavy = _most_imbalanced(cs)
+  fin = lambda a, p: ", ".join(f"{t} {a['finish_times_s'][p][t]['median']:.2f}s" for t in heavy["tasks"])  # noqa: E731
+  fig4 = {"figure": "fig4_intra",
+          "headline": f"competitive vs equal shares, most imbalanced mix ({heavy['name']}): equal / competitive "
+                      "makespan, median [95% interval]",
+          "ours": "; ".join(f"{_short(cs, rg)} {_ci(a['competitive_vs_equal'])}: {a['competitive_vs_equal']['verdict']}"
+                            for rg, a in heavy["regimes"].items()),
+          "paper": "weighted > equal (no number)", "device": cs["device"], "spread": f"95% paired bootstrap; {n}",
+          "note": "; ".join(f"{_short(cs, rg)} median finish times equal: {fin(a, 'equal')}; competitive: "
+                            f"{fin(a, 'competitive')}; model predicted competitive "
+                            f"{a['plans']['competitive']['predicted_makespan_s']:.2f}s (error "
+                            f"{_ci(a['prediction_error']['competitive'], '+.0%')})"
+                            for rg, a in heavy["regimes"].items())}
+  return fig2, err, fig4
+
+
+def _probe_text(probe: dict) -> str:
+  return (f"Busy threads of {probe['task']} alone in a worker: " + ", ".join(
+      f"{k.replace('_', ' ')} {v['solo_threads']['busy_threads']}" for k, v in probe["variants"].items()))
+
+
+# ---- recordings made before the regimes and intervals (kept so that they still redraw)
 def _ratio(s: dict, num: str, den: str) -> float:
   return s["makespan_s"][num] / s["makespan_s"][den]
+
+
+def _legacy_cosched_rows(cs: dict) -> tuple[dict, str, dict]:
+  heavy = max(cs["scenarios"], key=lambda s: max(s["solo_work_s"].values()) / min(s["solo_work_s"].values()))
+  fig2 = {"figure": "fig2_sharing", "headline": "training speedup vs sequential (median makespans), best backend",
+          "ours": "; ".join(f"{s['name']} ({s['backend']}): " + ", ".join(
+              f"{p} {_ratio(s, 'sequential', p):.2f}x" for p in ("competitive", "auto", "grid_best")
+              if p in s["makespan_s"]) for s in cs["scenarios"]),
+          "paper": speedup_text(), "device": cs["device"],
+          "spread": "; ".join(f"{s['name']} competitive {_spread(s['speedup_vs_sequential_spread'])}"
+                              for s in cs["scenarios"]) + f" ({cs.get('repeats', 1)} interleaved repeats)",
+          "note": _sharing_note(cs)}
+  err = "; makespan error " + ", ".join(f"{s['name']} {100 * s['prediction_error']:+.0f}%" for s in cs["scenarios"])
+  fig4 = {"figure": "fig4_intra",
+          "headline": "competitive vs equal shares, most imbalanced mix (equal / competitive makespan)",
+          "ours": f"{heavy['speedup_vs_equal']:.2f}x ({heavy['name']}, {heavy['backend']})",
+          "paper": "weighted > equal (no number)", "device": cs["device"],
+          "spread": _spread(heavy.get("speedup_vs_equal_spread", [heavy["speedup_vs_equal"]])),
+          "note": _intra_note(heavy)}
+  return fig2, err, fig4
 
 
 def _sharing_note(cs: dict) -> str:
@@ -184,32 +264,21 @@ def summarize(raw: dict) -> dict:
   """Headline numbers of each figure, beside the paper's."""
   wl, cs, vr, fd = raw["workloads"], raw["cosched"], raw["vresource"], raw["federated"]
   steps = [p["step_time_s"] for p in wl["profiles"]]
-  heavy = max(cs["scenarios"], key=lambda s: max(s["solo_work_s"].values()) / min(s["solo_work_s"].values()))
+  fig2, fig3_err, fig4 = _cosched_rows(cs)
   gains = {s["name"]: s["gain"] for s in fd["scenarios"]}
   rows = [
       {"figure": "fig1_workloads", "headline": "step-time spread across tasks (max/min)",
        "ours": f"{max(steps) / min(steps):.0f}x", "paper": "'highly imbalanced' (no number)",
        "device": wl["device"], "spread": "1 run",
        "note": "peak fractions " + ", ".join(f"{p['task']} {100 * p['peak_fraction']:.0f}%" for p in wl["profiles"])},
-      {"figure": "fig2_sharing", "headline": "training speedup vs sequential (median makespans), best backend",
-       "ours": "; ".join(f"{s['name']} ({s['backend']}): " + ", ".join(
-           f"{p} {_ratio(s, 'sequential', p):.2f}x" for p in ("competitive", "auto", "grid_best")
-           if p in s["makespan_s"])
-           for s in cs["scenarios"]),
-       "paper": speedup_text(), "device": cs["device"],
-       "spread": "; ".join(f"{s['name']} competitive {_spread(s['speedup_vs_sequential_spread'])}"
-                           for s in cs["scenarios"]) + f" ({cs.get('repeats', 1)} interleaved repeats)",
-       "note": _sharing_note(cs)},
+      fig2,
       {"figure": "fig3_vresource", "headline": "virtual-resource model error",
-       "ours": f"mean |r_pred - r_meas| = {vr['mean_abs_error']:.3f}; makespan error "
-               + ", ".join(f"{s['name']} {100 * s['prediction_error']:+.0f}%" for s in cs["scenarios"]),
-       "paper": "not given", "device": vr["device"], "spread": "1 run",
+       "ours": f"mean |r_pred - r_meas| = {vr['mean_abs_error']:.3f}" + fig3_err,
+       "paper": "not given", "device": vr["device"],
+       "spread": "curves: 1 run" + ("; makespan errors: [95% interval] over the fresh co-scheduling repeats"
+                                   if "regimes" in cs else ""),
        "note": f"model: demand water-filling fitted from one equal-share co-run (C = {vr['capacity']:.2f})"},
-      {"figure": "fig4_intra", "headline": "competitive vs equal shares, most imbalanced mix (equal / competitive makespan)",
-       "ours": f"{heavy['speedup_vs_equal']:.2f}x ({heavy['name']}, {heavy['backend']})",
-       "paper": "weighted > equal (no number)", "device": cs["device"],
-       "spread": _spread(heavy.get("speedup_vs_equal_spread", [heavy["speedup_vs_equal"]])),
-       "note": _intra_note(heavy)},
+      fig4,
       {"figure": "fig5_fl_throughput",
        "headline": "FL throughput (work per virtual second), full vs none (intra part x inter part); vs deadline",
        "ours": ", ".join(f"{n} {g['total']:.2f}x ({g['intra']:.2f} x {g['inter']:.2f}); {g['vs_deadline']:.2f}x deadline"

@@ -1,5 +1,6 @@
-"""The experiments' scenarios: task mixes for the co-scheduling benchmark (:class:`Scenario`)
-and federations for the federated one (:class:`FedScenario`).
+"""The experiments' scenarios: task mixes for the co-scheduling benchmark (:class:`Scenario`),
+the ways a device is shared in it (:class:`Regime`), and federations for the federated one
+(:class:`FedScenario`).
 
 Example::
 
@@ -32,6 +33,34 @@ COSCHED_SCENARIOS = (
     Scenario("medium", ("digits_mlp", "mnist_lenet", "shapes_unet"), (1.0, 2.0, 4.0)),
     Scenario("heavy", ("digits_mlp", "mnist_lenet", "shapes_unet", "cifar_resnet"), (1.0, 1.0, 2.0, 12.0)),
 )
+
+
+def cosched_scenario(name: str) -> Scenario:
+  return next(s for s in COSCHED_SCENARIOS if s.name == name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regime:
+  """How each task may use the device while co-scheduled: a backend, and on the ``processes``
+  backend a cap on each task's compute threads (None: every core, XLA's default)."""
+  name: str
+  backend: str
+  compute_threads: int | None
+  label: str
+
+  def runner_kwargs(self) -> dict:
+    return {} if self.compute_threads is None else {"compute_threads": self.compute_threads}
+
+
+# (a) Today's CPU: one convolution task alone keeps every core busy, so there is little idle
+# capacity for a second task to use. (b) The paper's: a task cannot fill the device alone (one
+# compute thread, as a GPU kernel too small for the SMs), and there are more tasks than cores;
+# equal shares then leave a core idle once the light tasks finish. A GPU is closer to (b).
+REGIME_EVERY_CORE = Regime("a_every_core", "processes", None, "(a) each task may use every core")
+REGIME_ONE_CORE = Regime("b_one_core", "processes", 1, "(b) one compute thread per task (the paper's regime)")
+CPU_REGIMES = (REGIME_EVERY_CORE, REGIME_ONE_CORE)
+GPU_REGIME_NOTE = ("a GPU running small kernels is closer to regime (b): one task's kernels leave SMs idle, "
+                   "as one compute thread leaves a core idle here")
 
 
 @dataclasses.dataclass(frozen=True)
