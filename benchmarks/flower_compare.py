@@ -83,7 +83,7 @@ def run_mtfl(args) -> dict:
     use_cpu_devices(args.devices)  # before JAX starts
   import jax
   from mtfl_jax.federated import Callback, ClientExecutor, make_executor, register_executor, run_federated
-  from mtfl_jax.profiling import device_name
+  from mtfl_jax.device import device_name
 
   events = []
 
@@ -386,7 +386,7 @@ def _flower_versions(python: str) -> dict | None:
 
 
 def _machine() -> dict:
-  from mtfl_jax.profiling import cpu_model
+  from mtfl_jax.device import cpu_model
   return {"platform": platform.platform(), "cpu": cpu_model(), "nproc": len(os.sched_getaffinity(0)),
           "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
 

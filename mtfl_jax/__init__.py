@@ -13,6 +13,10 @@ Example::
     prof = mt.profile_task(task)                         # solo profile on this device
     jobs = [mt.Job("digits_mlp", 2000), mt.Job("shapes_unet", 30)]
     result, plan = mt.run_round(jobs, policy="competitive", backend="processes")
+    fed = mt.run_federated(mt.FedConfig(tasks=("digits_mlp", "mnist_lenet"), policy="full", rounds=20))
+
+The top level holds the names a user starts with; everything else lives in its submodule
+(``mtfl_jax.federated``, ``mtfl_jax.cosched``, ``mtfl_jax.profiling``, ...).
 
 Your own task (README, "Your own task")::
 
@@ -20,31 +24,36 @@ Your own task (README, "Your own task")::
                    optimizer=optax.adam(1e-3))
     jobs = [mt.Job(mine, 20), mt.Job("digits_mlp", 200)]
 """
-from mtfl_jax.backends import Job, RunResult, backend_names, open_backend
-from mtfl_jax.calibration import calibrate, calibrate_mix, load_or_calibrate
-from mtfl_jax.cosched import (POLICIES, Plan, candidate_shares, check_memory, choose_backend, make_plan, plan_shares,
-                              run_round, scaled_jobs, search_plan, share_grid)
-from mtfl_jax.data import Dataset, DatasetSpec, DatasetUnavailableError, dataset_spec, load_dataset
-from mtfl_jax.partition import assign_tasks, dirichlet_partition, quantity_partition, skewed_partition
-from mtfl_jax.profiling import (TaskProfile, device_name, load_profiles, op_breakdown, profile_task,
-                                profile_tasks, save_profiles)
-from mtfl_jax.tasks import (ALL_TASKS, OFFLINE_TASKS, Metrics, Task, classification_metrics, cross_entropy,
-                            get_task, get_tasks, register_task, segmentation_metrics, task_names)
-from mtfl_jax.train import (TrainState, evaluate, init_params, init_state, make_local_update, make_train_step,
-                            param_count, sample_batches, workload_steps)
+# tasks and data
+from mtfl_jax.data import Dataset, DatasetUnavailableError, load_dataset
+from mtfl_jax.tasks import (Metrics, Task, classification_metrics, cross_entropy, get_task, register_task,
+                            segmentation_metrics, task_names)
+# training
+from mtfl_jax.train import evaluate, init_state, make_local_update, make_train_step, sample_batches
+# profiling, virtual resources and co-scheduling on one device
+from mtfl_jax.backends import Job, open_backend
+from mtfl_jax.calibration import calibrate, load_or_calibrate
+from mtfl_jax.cosched import make_plan, run_round, search_plan
+from mtfl_jax.device import device_name
+from mtfl_jax.profiling import profile_task
 from mtfl_jax.vresource import VRModel
+# federated
+from mtfl_jax.federated import (POLICIES, Callback, ClientExecutor, FedConfig, FedResult, Policy, register_executor,
+                                register_policy, run_federated)
+from mtfl_jax.federated.sweep import run_seeds
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL_TASKS", "OFFLINE_TASKS", "POLICIES", "assign_tasks", "backend_names", "calibrate",
-    "calibrate_mix", "candidate_shares", "check_memory", "choose_backend", "classification_metrics", "cross_entropy",
-    "Dataset", "dataset_spec", "DatasetSpec", "DatasetUnavailableError", "device_name",
-    "dirichlet_partition", "evaluate", "get_task", "get_tasks", "init_params", "init_state", "Job",
-    "load_dataset", "load_or_calibrate", "load_profiles", "make_local_update", "make_plan", "make_train_step", "Metrics",
-    "op_breakdown", "open_backend", "param_count", "Plan", "plan_shares", "profile_task",
-    "profile_tasks", "quantity_partition", "register_task", "run_round", "RunResult",
-    "sample_batches", "save_profiles", "scaled_jobs", "search_plan", "segmentation_metrics",
-    "share_grid", "skewed_partition", "Task", "task_names", "TaskProfile", "TrainState", "VRModel",
-    "workload_steps",
+    # tasks and data
+    "Task", "Dataset", "get_task", "register_task", "task_names", "load_dataset", "Metrics",
+    "classification_metrics", "segmentation_metrics", "cross_entropy", "DatasetUnavailableError",
+    # training
+    "init_state", "make_train_step", "make_local_update", "evaluate", "sample_batches",
+    # profiling, virtual resources and co-scheduling
+    "profile_task", "device_name", "VRModel", "calibrate", "load_or_calibrate", "Job", "open_backend", "run_round",
+    "make_plan", "search_plan",
+    # federated
+    "FedConfig", "run_federated", "FedResult", "POLICIES", "Policy", "register_policy", "ClientExecutor",
+    "register_executor", "Callback", "run_seeds",
 ]

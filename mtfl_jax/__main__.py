@@ -17,9 +17,8 @@ from pathlib import Path
 
 
 def _profile(args):
-  from mtfl_jax.profiling import (check_repeats, default_profile_path, load_profiles, profile_table, profile_tasks,
-                                  save_profiles)
-  from mtfl_jax.results import check_writable, write_json
+  from mtfl_jax.profiling import check_repeats, default_profile_path, load_profiles, profile_table, profile_tasks, save_profiles
+  from mtfl_jax.files import check_writable, write_json
   from mtfl_jax.tasks import get_tasks
   check_repeats(args.repeats, "--repeats")
   tasks = get_tasks(args.tasks)
@@ -44,7 +43,7 @@ def _download(args):
 
 
 def _bench(args):
-  from mtfl_jax.results import check_writable
+  from mtfl_jax.files import check_writable
   if args.json:
     check_writable(args.json, "--json")
   if args.which == "federated":
@@ -97,7 +96,7 @@ def _import_user_code(args) -> None:
 def _federate_config(args):
   """The FedConfig of ``federate``: the --config file's settings, then the flags given."""
   from mtfl_jax.federated import FedConfig
-  from mtfl_jax.results import read_json
+  from mtfl_jax.files import read_json
   _import_user_code(args)
   base = {}
   if args.config:
@@ -216,7 +215,7 @@ def _vr_model(cfg, workdir: Path):
 def _launch(args, cfg) -> int:
   from mtfl_jax import distributed
   from mtfl_jax.clock import inputs_json
-  from mtfl_jax.results import write_json
+  from mtfl_jax.files import write_json
   devices = args.devices if args.devices is not None else cfg.devices
   if args.devices_per_process is None and devices is not None and devices % args.processes:  # the config's
     raise ValueError(f"the config file's \"devices\": {devices} does not split evenly over --processes "
@@ -245,7 +244,7 @@ def _launch(args, cfg) -> int:
 
 
 def _federate(args):
-  from mtfl_jax.results import check_writable
+  from mtfl_jax.files import check_writable
   _check_run_flags(args)
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
@@ -278,7 +277,7 @@ def _federate_seeds(args, cfg) -> int:
   import dataclasses
 
   from mtfl_jax.federated.sweep import parse_seeds, run_seeds
-  from mtfl_jax.results import write_json
+  from mtfl_jax.files import write_json
   seeds = parse_seeds(args.seeds)
   if args.processes != 1 or args.process_id is not None:
     raise ValueError("--seeds runs each seed in a process of its own; leave out --processes/--process-id")
@@ -310,7 +309,7 @@ def _check_resumable(cfg, workdir: Path) -> None:
   """Before any work (and before processes are started): a workdir holding another run is a
   one-line error naming the settings that differ."""
   from mtfl_jax.federated.callbacks import config_differences
-  from mtfl_jax.results import read_json
+  from mtfl_jax.files import read_json
   f = workdir / "config.json"
   if f.exists():
     diff = config_differences(read_json(f, "the run's config", "delete it to reuse the workdir"), cfg.to_json())

@@ -30,8 +30,9 @@ import numpy as np
 
 from mtfl_jax.backends import Job, Runner, open_backend
 from mtfl_jax.clock import SHARE_RULES, MixCorrections, mix_key
-from mtfl_jax.profiling import default_profile_path, device_name
-from mtfl_jax.results import BadFileError, read_json, reading, write_json
+from mtfl_jax.device import device_name
+from mtfl_jax.profiling import default_profile_path
+from mtfl_jax.files import BadFileError, read_json, reading, write_json
 from mtfl_jax.tasks import Task, get_task
 from mtfl_jax.vresource import VRModel
 

@@ -43,7 +43,7 @@ from mtfl_jax.vresource import VRModel
 
 MODEL_POLICIES = ("sequential", "equal", "partitioned", "competitive")  # need no measurement
 SEARCH_POLICIES = ("auto", "grid_best")  # decided by measured co-runs
-POLICIES = MODEL_POLICIES + SEARCH_POLICIES
+PLAN_POLICIES = MODEL_POLICIES + SEARCH_POLICIES
 
 Shares = dict[str, float]
 Measure = Callable[[Mapping[str, float]], float]  # shares -> measured makespan (s)
@@ -66,8 +66,8 @@ def workloads_of(jobs: Sequence[Job]) -> dict[str, int]:
 
 def plan_shares(policy: str, workloads: Mapping[str, int], model: VRModel) -> dict[str, float]:
   """Shares of a policy the model decides alone (:data:`MODEL_POLICIES`)."""
-  if policy not in POLICIES:
-    raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+  if policy not in PLAN_POLICIES:
+    raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(PLAN_POLICIES)}")
   if policy in SEARCH_POLICIES:
     raise ValueError(f"policy {policy!r} is decided by measurement: use make_plan(..., runner) "
                      "or search_plan")
@@ -271,8 +271,8 @@ def run_round(jobs: Sequence[Job], policy: str = "competitive", backend: str = "
   plan (with its predicted makespan)."""
   if backend != "auto" and backend not in backend_names():
     raise ValueError(f"unknown backend {backend!r}; valid backends: auto, {', '.join(backend_names())}")
-  if policy not in POLICIES:
-    raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(POLICIES)}")
+  if policy not in PLAN_POLICIES:
+    raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(PLAN_POLICIES)}")
   check_memory(jobs)
   if policy == "sequential":
     backend = "sequential"

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mtfl_jax.results import BadFileError, read_json
+from mtfl_jax.files import BadFileError, read_json
 
 SPEED_SIGMA = 0.5
 BANDWIDTH_MEDIAN = 20e6 / 8  # bytes/s (20 Mbit/s)

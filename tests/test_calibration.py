@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mtfl_jax import calibration as cal
-from mtfl_jax.results import BadFileError
+from mtfl_jax.files import BadFileError
 from mtfl_jax.tasks import get_task
 from mtfl_jax.vresource import VRModel
 

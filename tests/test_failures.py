@@ -14,7 +14,7 @@ from mtfl_jax import data
 from mtfl_jax.__main__ import main
 from mtfl_jax.fleet import Fleet
 from mtfl_jax.federated import FedConfig, run_federated
-from mtfl_jax.results import BadFileError, OutputPathError, check_writable, read_json, write_json
+from mtfl_jax.files import BadFileError, OutputPathError, check_writable, read_json, write_json
 from mtfl_jax.vresource import VRModel
 
 REPO = Path(__file__).resolve().parents[1]

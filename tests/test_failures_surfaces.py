@@ -394,7 +394,7 @@ def test_the_launched_marker_is_the_launchers():
 ])
 def test_a_calibration_store_of_the_wrong_shape_names_the_file(tmp_path, mixes, detail):
   from mtfl_jax.calibration import load_model
-  from mtfl_jax.results import BadFileError
+  from mtfl_jax.files import BadFileError
   store = tmp_path / "vr.json"
   store.write_text(json.dumps({"device": "d", "mixes": mixes}))
   with pytest.raises(BadFileError) as e:
@@ -407,7 +407,7 @@ def test_a_calibration_store_of_the_wrong_shape_names_the_file(tmp_path, mixes, 
 @pytest.mark.parametrize("profiles", [["x"], 5])
 def test_a_profile_file_of_the_wrong_shape_names_the_file(tmp_path, profiles):
   from mtfl_jax.profiling import load_profiles
-  from mtfl_jax.results import BadFileError
+  from mtfl_jax.files import BadFileError
   f = tmp_path / "dev.json"
   f.write_text(json.dumps({"device": "d", "profiles": profiles}))
   with pytest.raises(BadFileError, match=rf"profile file {f} .*a field of the wrong type: .*; delete it and make "

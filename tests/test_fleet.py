@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 
 from mtfl_jax.fleet import VENN_DIR, Availability, Fleet, dropout_draw, venn_devices
-from mtfl_jax.results import BadFileError
+from mtfl_jax.files import BadFileError
 
 
 def test_fleet_and_what_it_imports_are_numpy_only():
   # the clock reads fleets on the host; fleet.py and its one package import need no JAX
   import mtfl_jax.fleet
-  import mtfl_jax.results
-  for mod in (mtfl_jax.fleet, mtfl_jax.results):
+  import mtfl_jax.files
+  for mod in (mtfl_jax.fleet, mtfl_jax.files):
     tree = ast.parse(open(mod.__file__).read())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {n for n in names if n.split(".")[0] in ("jax", "flax", "optax")}, mod.__name__
-    assert {n for n in names if n.startswith("mtfl_jax")} <= {"mtfl_jax.results"}
+    assert {n for n in names if n.startswith("mtfl_jax")} <= {"mtfl_jax.files"}
 
 
 # --------------------------------------------------------------------------- lognormal

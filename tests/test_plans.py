@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from mtfl_jax.backends import Job, RunResult, Runner
-from mtfl_jax.cosched import (POLICIES, Search, blend, candidate_shares, make_plan, plan_shares, rotated, scaled_jobs,
+from mtfl_jax.cosched import (PLAN_POLICIES, Search, blend, candidate_shares, make_plan, plan_shares, rotated, scaled_jobs,
                               search_plan, share_grid)
 from mtfl_jax.vresource import VRModel
 
@@ -114,7 +114,7 @@ def test_search_policies_need_a_measure_and_probe_is_used():
   plan = make_plan("grid_best", JOBS, MODEL, "threads", probe=probe)
   assert plan.backend == "threads" and plan.shares["digits_mlp"] == 0.25
   assert [j.steps for j in probe.jobs] == [10, 2, 2]  # 40, 10, 4 scaled by 1/4 (at least 2)
-  assert set(POLICIES) >= {"auto", "grid_best", "competitive", "equal", "partitioned", "sequential"}
+  assert set(PLAN_POLICIES) >= {"auto", "grid_best", "competitive", "equal", "partitioned", "sequential"}
 
 
 def test_rotated_rounds_put_every_item_in_every_position():

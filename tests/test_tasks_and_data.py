@@ -9,11 +9,11 @@ from mtfl_jax.data import DatasetUnavailableError, generate_shapes
 
 
 def test_all_tasks_is_a_closed_tuple_and_unknown_names_list_valid_ones():
-  assert mt.ALL_TASKS == ("digits_mlp", "mnist_lenet", "cifar_resnet", "shapes_unet")
+  assert mt.tasks.ALL_TASKS == ("digits_mlp", "mnist_lenet", "cifar_resnet", "shapes_unet")
   with pytest.raises(ValueError, match="valid tasks: digits_mlp, mnist_lenet"):
     mt.get_task("resnet50")
   with pytest.raises(ValueError, match="named twice"):
-    mt.get_tasks("digits_mlp,digits_mlp")
+    mt.tasks.get_tasks("digits_mlp,digits_mlp")
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -26,7 +26,7 @@ def test_all_tasks_is_a_closed_tuple_and_unknown_names_list_valid_ones():
     ("cifar_resnet", 432 + 32 + 4672 + 14464 + 57600 + 650),
 ])
 def test_parameter_counts_match_hand_counts(name, expected):
-  assert mt.param_count(mt.init_state(name, 0).params) == expected
+  assert mt.train.param_count(mt.init_state(name, 0).params) == expected
 
 
 @pytest.mark.parametrize("name", ["digits_mlp", "shapes_unet"])
@@ -49,7 +49,7 @@ def test_builtin_init_and_optimizer_are_unchanged(name):
 
 
 def test_builtins_are_registered_values_and_replace_rebuilds_sgd():
-  assert mt.task_names()[:4] == mt.ALL_TASKS
+  assert mt.task_names()[:4] == mt.tasks.ALL_TASKS
   t = mt.get_task("digits_mlp")
   slower = t.replace(learning_rate=0.01, momentum=0.0)
   assert slower is not t and slower.momentum == 0.0 and mt.get_task("digits_mlp") is t
@@ -61,14 +61,14 @@ def test_builtins_are_registered_values_and_replace_rebuilds_sgd():
 @pytest.mark.parametrize("name", ["mtfl_digits", "mtfl_mnist5k", "mtfl_shapes"])
 def test_dataset_specs_match_the_data(name):
   """What tasks read before loading (shapes, classes) is what loading gives."""
-  spec, ds = mt.dataset_spec(name), mt.load_dataset(name)
+  spec, ds = mt.data.dataset_spec(name), mt.load_dataset(name)
   assert spec == ds.spec
 
 
 def test_dataset_from_arrays_infers_classes_and_converts():
   ds = mt.Dataset.from_arrays("mine", np.ones((3, 2), np.float64), np.array([0, 4, 1], np.int64))
   assert ds.num_classes == 5 and ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
-  assert len(ds.x_test) == 0 and ds.spec == mt.DatasetSpec((2,), (), 5)
+  assert len(ds.x_test) == 0 and ds.spec == mt.data.DatasetSpec((2,), (), 5)
 
 
 def test_unet_output_is_per_pixel_logits():

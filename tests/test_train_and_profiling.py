@@ -126,9 +126,9 @@ def test_segmentation_metrics_include_miou():
 
 
 def test_workload_steps():
-  assert mt.workload_steps(100, 32, 1) == 4
-  assert mt.workload_steps(100, 32, 2.5) == 10
-  assert mt.workload_steps(0, 32, 1) == 0
+  assert mt.train.workload_steps(100, 32, 1) == 4
+  assert mt.train.workload_steps(100, 32, 2.5) == 10
+  assert mt.train.workload_steps(0, 32, 1) == 0
 
 
 def test_dense_layer_flops_match_hand_count():
@@ -156,16 +156,16 @@ def test_profile_task_and_json_roundtrip(tmp_path):
   assert p.step_time_s > 0 and p.flops_per_step > 2 * 32 * 64 * 128  # at least the first layer forward
   assert 0 < p.peak_fraction < 1 and p.memory_bytes > 0 and p.compile_s > 0
   assert p.ops and p.ops[0]["flops"] >= p.ops[-1]["flops"]
-  path = mt.save_profiles([p], tmp_path / "dev.json")
+  path = mt.profiling.save_profiles([p], tmp_path / "dev.json")
   q = mt.profile_task("mnist_lenet", warmup=1, repeats=2)
-  mt.save_profiles([q], path)  # merges: the first profile is kept
-  loaded = {x.task: x for x in mt.load_profiles(path)}
+  mt.profiling.save_profiles([q], path)  # merges: the first profile is kept
+  loaded = {x.task: x for x in mt.profiling.load_profiles(path)}
   assert set(loaded) == {"digits_mlp", "mnist_lenet"} and loaded["digits_mlp"] == p
   (tmp_path / "bad.json").write_text("{}")
   with pytest.raises(ValueError, match="not a profile file"):
-    mt.load_profiles(tmp_path / "bad.json")
+    mt.profiling.load_profiles(tmp_path / "bad.json")
   with pytest.raises(FileNotFoundError, match="python -m mtfl_jax profile"):
-    mt.load_profiles(tmp_path / "missing.json")
+    mt.profiling.load_profiles(tmp_path / "missing.json")
 
 
 def test_profile_cli_writes_the_documented_json(tmp_path):

@@ -201,7 +201,7 @@ class _DelayedSequential(SequentialRunner):
 def test_choose_backend_picks_the_faster_measured_backend(monkeypatch, order):
   monkeypatch.setitem(BACKENDS, _DelayedSequential.name, _DelayedSequential)
   jobs = [Job("digits_mlp", 20), Job("mnist_lenet", 6)]
-  best, times = mt.choose_backend(jobs, candidates=order)
+  best, times = mt.cosched.choose_backend(jobs, candidates=order)
   extra = sum(j.steps for j in jobs) * _DelayedSequential.DELAY_S  # 0.26 s, over a ~0.05 s round
   assert best == "sequential", times
   assert times["delayed_sequential"] - times["sequential"] >= 0.8 * extra, times

@@ -52,8 +52,8 @@ from mtfl_jax.calibration import calibrate, solo_step_times
 from mtfl_jax.cosched import Plan, Search, candidate_shares, check_memory, make_plan, rotated, share_grid
 from mtfl_jax.experiments.paper import PAPER
 from mtfl_jax.experiments.scenarios import (CPU_REGIMES, GPU_REGIME_NOTE, Regime, Scenario, cosched_scenario)
-from mtfl_jax.profiling import device_name
-from mtfl_jax.results import write_json
+from mtfl_jax.device import device_name
+from mtfl_jax.files import write_json
 from mtfl_jax.vresource import measured_rates
 
 MODEL_PLANS = ("equal", "partitioned", "competitive")

@@ -34,8 +34,8 @@ from mtfl_jax.experiments.paper import PAPER, fl_gain_text
 from mtfl_jax.experiments.scenarios import FED_SCENARIOS, FedScenario
 from mtfl_jax.federated import ClientWork, FedConfig, build_federation, fedavg_program, run_federated
 from mtfl_jax.federated.executors import AutoExecutor, LoopExecutor
-from mtfl_jax.profiling import device_name
-from mtfl_jax.results import write_json
+from mtfl_jax.device import device_name
+from mtfl_jax.files import write_json
 from mtfl_jax.timing import time_calls
 from mtfl_jax.train import init_variables
 

@@ -287,8 +287,8 @@ def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, conf
   1,000 MLP clients and memory ratios, and returns (and writes to ``json_path``) the JSON.
   ``configs`` ((devices, processes) pairs), ``work`` ((task, clients) pairs), ``rounds``
   (steady rounds: one count, or per (task, clients)) and ``repeats`` override the mode's."""
-  from mtfl_jax.profiling import device_name
-  from mtfl_jax.results import write_json
+  from mtfl_jax.device import device_name
+  from mtfl_jax.files import write_json
   cores = len(os.sched_getaffinity(0))
   mode = _modes(quick, cores)
   configs = [tuple(c) for c in (configs or mode["configs"])]

@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from mtfl_jax import stats
-from mtfl_jax.results import write_json
+from mtfl_jax.files import write_json
 
 TARGET_FRACTION = 0.95  # a task's target: this fraction of its plateau under none (calibration seeds)
 PLATEAU_EVALS = 5  # evaluations averaged into a plateau (the last ones of a run)
@@ -358,7 +358,7 @@ def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=p
   from mtfl_jax.calibration import load_or_calibrate, load_or_measure_corrections
   from mtfl_jax.clock import inputs_json
   from mtfl_jax.federated import FedConfig, build_federation
-  from mtfl_jax.profiling import device_name
+  from mtfl_jax.device import device_name
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()

@@ -50,7 +50,7 @@ import jax
 from mtfl_jax.experiments import reproduce
 from mtfl_jax.experiments.paper import TRAINING_SPEEDUP
 from mtfl_jax.experiments.scenarios import PAPER_MIX, FedScenario, Regime, Scenario
-from mtfl_jax.results import write_json
+from mtfl_jax.files import write_json
 
 # Nominal dense peaks (FLOP/s) by device kind. Source: NVIDIA H200 Tensor Core GPU datasheet
 # (nvidia.com/en-us/data-center/h200, SXM): FP32 67 TFLOPS; TF32 989 and BF16 1,979 TFLOPS

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from mtfl_jax.experiments.paper import PAPER, fl_gain_text, speedup_text
 from mtfl_jax.experiments.scenarios import FED_SCENARIOS, FedScenario
-from mtfl_jax.profiling import device_name, device_slug
-from mtfl_jax.results import check_writable, read_json, reading, write_json
+from mtfl_jax.device import device_name, device_slug
+from mtfl_jax.files import check_writable, read_json, reading, write_json
 
 
 @dataclasses.dataclass(frozen=True)

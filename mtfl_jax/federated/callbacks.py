@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtfl_jax.results import read_json, write_json
+from mtfl_jax.files import read_json, write_json
 from mtfl_jax.train import evaluate
 
 

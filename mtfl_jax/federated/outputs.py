@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtfl_jax.results import write_json
+from mtfl_jax.files import write_json
 
 
 def history_doc(res) -> dict:

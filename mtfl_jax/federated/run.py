@@ -36,7 +36,7 @@ from mtfl_jax.federated.executors import Aggregate
 from mtfl_jax.federated.plan import check_plan, client_plan
 from mtfl_jax.federated.round import TaskRuntime, apply_failures, round_step, run_clients, sample_clients
 from mtfl_jax.fleet import dropout_draw
-from mtfl_jax.results import read_json, write_json
+from mtfl_jax.files import read_json, write_json
 from mtfl_jax.train import init_variables
 from mtfl_jax.vresource import VRModel
 
