@@ -1,14 +1,12 @@
-"""Federated benchmark: FL throughput under none / deadline / intra / full, and the
-simulator's speed (per-client loop vs auto), side by side in one run.
+"""Federated evidence: time to accuracy over seeds, every policy against none and the best
+baseline, with 95% bootstrap intervals (quick: a smoke run of every code path; --full: the
+recording).
 
     python benchmarks/federated.py [--full] [--json FILE]
 
 Same as ``python -m mtfl_jax bench federated``: runs
-:func:`mtfl_jax.experiments.bench_federated.bench_federated` over the federations of
-:mod:`mtfl_jax.experiments.scenarios` and prints each policy's work throughput and the ratios
-full/none (split into its intra- and inter-device parts) and full/deadline, beside the
-paper's FL throughput gain (:mod:`mtfl_jax.experiments.paper`). The clock's models come from
-the calibration store (:mod:`mtfl_jax.calibration`), measured on first use.
+:func:`mtfl_jax.experiments.evidence.run_evidence` and prints its table. Runs are kept beside
+the JSON (``FILE`` without its suffix, else ``results/evidence``) so that a rerun resumes.
 """
 import sys
 

@@ -43,7 +43,7 @@ def _download(args):
 
 
 def _bench(args):
-  from mtfl_jax.files import check_writable
+  from mtfl_jax.files import check_writable, write_json
   if args.json:
     check_writable(args.json, "--json")
   if args.which == "federated":
@@ -57,9 +57,13 @@ def _bench(args):
     bench_scale(quick=not args.full, json_path=args.json)
   else:
     from mtfl_jax.calibration import store_path
-    from mtfl_jax.experiments.bench_federated import bench_federated
+    from mtfl_jax.experiments import evidence
     check_writable(store_path(), "calibration store")
-    bench_federated(quick=not args.full, json_path=args.json)
+    out = Path(args.json).with_suffix("") if args.json else Path("results") / "evidence"
+    doc = evidence.run_evidence(evidence.config("full" if args.full else "quick"), out)
+    print(evidence.evidence_table(doc))
+    if args.json:
+      write_json(args.json, doc)
 
 
 def _import_user_code(args) -> None:

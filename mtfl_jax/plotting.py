@@ -242,7 +242,105 @@ def _fig4_legacy(d: dict, note: str | None = None):
   return fig
 
 
-def fig5_fl_throughput(d: dict, note: str | None = None):
+EVIDENCE_ORDER = ("none", "intra", "deadline", "overselect", "fedbuff", "full")
+POLICY_COLORS.update({"overselect": "#cc79a7", "fedbuff": "#0072b2", "none": "#555555"})
+
+
+def _policy_order(names) -> list[str]:
+  first = [p for p in EVIDENCE_ORDER if p in names]
+  return first + sorted(n for n in names if n not in first)
+
+
+def _as_float(x) -> float:
+  return float("inf") if x == "inf" else float("nan") if x is None else float(x)
+
+
+def fig5_time_to_accuracy(d: dict, note: str | None = None):
+  """Per scenario, each policy's speedup in time to accuracy over ``none`` (paired per seed;
+  bars: medians, error bars: 95% bootstrap intervals; above 1: sooner), and, beside it, the
+  same ratios against the fleet's heterogeneity (the sweep). Reads ``evidence.json``;
+  recordings made before it hold FL throughput instead and are drawn as they were."""
+  if "scenarios" in d and d["scenarios"] and "work_throughput" in d["scenarios"][0]:
+    return _fig5_legacy(d, note)
+  main, sweep = d["scenarios"], d.get("sweep", [])
+  pols = _policy_order([p for p in main[0]["policies"] if p == "full" or "[" not in p])
+  pols = [p for p in pols if p != "none"]
+  fig, ax = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+  x = np.arange(len(main))
+  wd = 0.8 / len(pols)
+  for k, p in enumerate(pols):
+    meds, lo, hi = [], [], []
+    for s in main:
+      r = s["policies"][p]["ratio_vs_none"]
+      m, (a, b) = _as_float(r["median"]), (_as_float(v) for v in r["ci95"])
+      meds.append(m)
+      lo.append(max(0.0, m - a) if np.isfinite(a) else 0.0)
+      hi.append(b - m if np.isfinite(b) else 0.0)
+    off = x + (k - (len(pols) - 1) / 2) * wd
+    ax[0].bar(off, meds, wd, color=POLICY_COLORS.get(p), label=p)
+    ax[0].errorbar(off, meds, yerr=[lo, hi], fmt="none", ecolor="k", lw=0.8, capsize=2)
+  ax[0].axhline(1.0, c="k", lw=0.8, ls="--")
+  ax[0].set_xticks(x, [s["name"] for s in main], fontsize=8)
+  ax[0].set_ylabel("time to accuracy: none / policy\n(above 1: sooner)")
+  ax[0].set_title(f"{len(d['seeds'])} evaluation seeds; bars: median, whiskers: 95% bootstrap interval", fontsize=8)
+  pts = [s for s in main + sweep if s["scenario"].get("trace") is None and s["scenario"]["tasks"] ==
+         main[0]["scenario"]["tasks"]]
+  pts = sorted(pts, key=lambda s: s["scenario"]["speed_sigma"])
+  venn = [s for s in main + sweep if s["scenario"].get("trace") == "venn"]
+  for p in pols:
+    xs = [s["scenario"]["speed_sigma"] for s in pts]
+    ys = [_as_float(s["policies"][p]["ratio_vs_none"]["median"]) for s in pts if p in s["policies"]]
+    if len(ys) == len(xs) and xs:
+      ax[1].plot(xs, ys, "o-", color=POLICY_COLORS.get(p), label=p)
+    for s in venn:
+      if p in s["policies"]:
+        ax[1].plot([max(xs or [1.0]) + 0.35], [_as_float(s["policies"][p]["ratio_vs_none"]["median"])], "s",
+                   color=POLICY_COLORS.get(p))
+  ax[1].axhline(1.0, c="k", lw=0.8, ls="--")
+  ax[1].set_xlabel("device speed spread: lognormal sigma (square: the Venn device table)")
+  ax[1].set_ylabel("median speedup over none")
+  ax[1].set_title("against heterogeneity", fontsize=8)
+  _legend_outside(fig, ax, right=0.86)
+  _title(fig, "Fig. 5: time to accuracy against none, with intervals", d["device"], note)
+  return fig
+
+
+def fig6_accuracy(d: dict, note: str | None = None):
+  """Accuracy against virtual time per task, median over seeds with the 95% interval of the
+  median as a band, for none, the best baseline and full, in every main scenario."""
+  if "scenarios" in d and d["scenarios"] and "work_throughput" in d["scenarios"][0]:
+    return _fig6_legacy(d, note)
+  from mtfl_jax.stats import bootstrap_ci
+  main = d["scenarios"]
+  rows, cols = len(main), max(len(s["scenario"]["tasks"]) for s in main)
+  fig, ax = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+  for i, s in enumerate(main):
+    show = [p for p in ("none", s["best_baseline"], "full") if p in s.get("curves", {})]
+    show = list(dict.fromkeys(show))
+    for j, t in enumerate(s["scenario"]["tasks"]):
+      a = ax[i][j]
+      for p in show:
+        runs = s["curves"][p]
+        grid = [pt[0] for pt in runs[0]]
+        vals = np.array([[pt[1][t] for pt in r[:len(grid)]] for r in runs if len(r) >= len(grid)])
+        med = np.median(vals, axis=0)
+        a.plot(grid, med, "-", color=POLICY_COLORS.get(p), label=f"{p}")
+        if len(vals) > 1:
+          band = np.array([bootstrap_ci(vals[:, k], n_boot=2000) for k in range(len(grid))])
+          a.fill_between(grid, band[:, 0], band[:, 1], color=POLICY_COLORS.get(p), alpha=0.18, lw=0)
+      a.axhline(s["targets"][t], c="k", lw=0.8, ls=":", label="target")
+      a.set_title(f"{s['name']}: {t}", fontsize=8)
+      a.set_xlabel("virtual time (s)", fontsize=8)
+      a.set_ylabel("test mIoU" if "unet" in t else "test accuracy", fontsize=8)
+    for j in range(len(s["scenario"]["tasks"]), cols):
+      ax[i][j].axis("off")
+  _legend_outside(fig, ax.ravel().tolist(), right=0.85)
+  _title(fig, f"Fig. 6: accuracy vs virtual time (median over {len(d['seeds'])} seeds, band: 95% interval)",
+         d["device"], note)
+  return fig
+
+
+def _fig5_legacy(d: dict, note: str | None = None):
   """FL throughput (training work per virtual second, a step of task i counting its solo step
   time) of every policy relative to ``none``; dots: the plain sample rate ratio."""
   sc = d["scenarios"]
@@ -268,7 +366,7 @@ def fig5_fl_throughput(d: dict, note: str | None = None):
   return fig
 
 
-def fig6_accuracy(d: dict, note: str | None = None):
+def _fig6_legacy(d: dict, note: str | None = None):
   """Accuracy against virtual time per task, every policy within the same time budget."""
   sc = max(d["scenarios"], key=lambda s: len(s["tasks"]))
   tasks = sc["tasks"]
@@ -292,7 +390,7 @@ def fig6_accuracy(d: dict, note: str | None = None):
 
 
 FIGURES = {"fig1_workloads": fig1_workloads, "fig2_sharing": fig2_sharing, "fig3_vresource": fig3_vresource,
-           "fig4_intra": fig4_intra, "fig5_fl_throughput": fig5_fl_throughput, "fig6_accuracy": fig6_accuracy}
+           "fig4_intra": fig4_intra, "fig5_time_to_accuracy": fig5_time_to_accuracy, "fig6_accuracy": fig6_accuracy}
 
 
 def round_timeline(d: dict, note: str | None = None):

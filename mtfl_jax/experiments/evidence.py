@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -104,6 +105,7 @@ class EvidenceConfig:
   grid: int = 40
   workers: int = 2
   ablations: bool = True  # every full variant on the main scenarios
+  clock_backend: str = "processes"  # where each mix's virtual-resource model is calibrated (first use)
 
 
 MIX2 = ("digits_mlp", "mnist_lenet")
@@ -123,6 +125,10 @@ def config(mode: str) -> EvidenceConfig:
                      heterogeneity="lognormal 0.5"),)
     return EvidenceConfig("quick", main, (), seeds=(0, 1), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
                           buffer_fractions=(0.4, 1.0), grid=20, ablations=False)
+  if mode == "gpu":  # the GPU recording's reduced evidence, on the GPU's own clock (a few minutes there)
+    main = (Scenario("mlp+cnn+unet", MIX3, presence=0.7, calibration_rounds=40, heterogeneity="lognormal 0.5"),)
+    return EvidenceConfig("gpu", main, (), seeds=(0, 1, 2), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
+                          buffer_fractions=(0.5,), grid=30, workers=1, ablations=False)
   if mode == "tiny":  # tests: seconds
     main = (Scenario("tiny", ("digits_mlp",), num_clients=6, clients_per_round=3, calibration_rounds=6,
                      heterogeneity="lognormal 0.5"),)
@@ -130,7 +136,7 @@ def config(mode: str) -> EvidenceConfig:
                       speed_sigma=1.0, bandwidth_sigma=1.0, heterogeneity="lognormal 1"),)
     return EvidenceConfig("tiny", main, sweep, seeds=(0, 1), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
                           buffer_fractions=(0.5, 1.0), grid=8, workers=1, ablations=True)
-  raise ValueError(f"unknown evidence mode {mode!r}; valid: quick, full, tiny")
+  raise ValueError(f"unknown evidence mode {mode!r}; valid: quick, full, gpu, tiny")
 
 
 # --------------------------------------------------------------------------- one run (a worker)
@@ -250,15 +256,18 @@ def _spec(out: Path, sc: Scenario, variant: Variant, seed: int, clock: dict, bud
          "simulator": "auto", **variant.fields()}
   if variant.policy == "fedbuff":
     cfg["rounds"] = 10**6  # server steps per task: the horizon stops it
-  slug = variant.name.replace("[", "_").replace("]", "").replace(",", "_")
+  slug = variant.name.replace("[", "_").replace("]", "").replace(",", "_").replace("=", "")
+  # the file name carries a digest of the run's whole config and clock: a run is reused only
+  # for exactly the same run (a changed setting, clock or horizon is a new file)
+  digest = hashlib.sha1(json.dumps([cfg, clock], sort_keys=True, default=str).encode()).hexdigest()[:10]
   return {"scenario": sc.name, "variant": variant.name, "seed": seed, "config": cfg, "clock": clock,
-          "path": str(out / "runs" / sc.name.replace(" ", "_") / slug / f"seed{seed}.json.gz")}
+          "path": str(out / "runs" / sc.name.replace(" ", "_") / slug / f"seed{seed}-{digest}.json.gz")}
 
 
 def _calibration_none(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, clock: dict) -> dict:
   """Targets and horizon from ``none`` on the calibration seeds (evaluated after every round):
   a task's plateau is the mean of its last ``2 * PLATEAU_EVALS`` per-round accuracies."""
-  specs = [_spec(out, sc, Variant("none", "none"), s, clock, None, None, sc.calibration_rounds)
+  specs = [_spec(out, sc, Variant("none-calibration", "none"), s, clock, None, None, sc.calibration_rounds)
            for s in ec.calibration_seeds]
   docs = rec.run(specs)
   plateaus = {t: [float(np.mean([r["accuracy"][t] for r in d["history"][-2 * PLATEAU_EVALS:]])) for d in docs]
@@ -350,7 +359,10 @@ def summarize_scenario(sc: Scenario, cal: dict, tuned: dict, runs: dict, seeds: 
   return {"name": sc.name, "scenario": dataclasses.asdict(sc), "calibration": cal, "tuned": tuned,
           "targets": targets, "horizon_s": cal["horizon_s"], "grid_s": cal["horizon_s"] / len(runs["none"][0]
                                                                                             ["evaluations"]),
-          "best_baseline": best_baseline, "none_reached_every_target": reached, "policies": pol}
+          "best_baseline": best_baseline, "none_reached_every_target": reached, "policies": pol,
+          # each seed's evaluation grid: (virtual time, {task: metric}) per point, for the bands of fig. 6
+          "curves": {v: [[[e["virtual_time_s"], e["metrics"]] for e in d["evaluations"]] for d in docs]
+                     for v, docs in runs.items()}}
 
 
 def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=print) -> dict:
@@ -368,7 +380,7 @@ def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=p
     for group, items in (("main", ec.scenarios), ("sweep", ec.sweep)):
       for sc in items:
         log(f"[evidence] {sc.name} ({group})")
-        model, _ = load_or_calibrate(sc.tasks, log=log)
+        model, _ = load_or_calibrate(sc.tasks, ec.clock_backend, log=log)
         fed = build_federation(FedConfig(**{**sc.fed_fields(), "tasks": sc.tasks, "seed": ec.calibration_seeds[0]}))
         corrections, _ = load_or_measure_corrections(sc.tasks, model, [fed.workloads(c) for c in
                                                                         range(sc.num_clients)], log=log)
@@ -423,3 +435,20 @@ def _best_baseline(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, c
                if v.name in BASELINES]
   best, _ = _best(rec, out, sc, ec, clock, cal, baselines)
   return next(k for k, v in named.items() if v == best.name) if best.name in named.values() else best.name
+
+
+def evidence_table(doc: dict) -> str:
+  """The evidence as text: per scenario and policy, the task-set TTA speedup over none and
+  over the best baseline (median [95% interval], verdict), and the plateau differences."""
+  f = lambda v: "never" if v is None else ("inf" if v == "inf" else f"{float(v):.2f}")  # noqa: E731
+  r = lambda x: f"{f(x['median'])} [{f(x['ci95'][0])}, {f(x['ci95'][1])}]"  # noqa: E731
+  lines = [f"time to accuracy over {len(doc['seeds'])} evaluation seeds on {doc['device']} ({doc['mode']}"
+           + ("" if doc["mode"] == "full" else ": a smoke run, not evidence") + ")"]
+  for s in doc["scenarios"] + doc.get("sweep", []):
+    lines.append(f"{s['name']}: targets {s['targets']}, horizon {s['horizon_s']:.1f} virtual s, best baseline "
+                 f"(calibration seeds) {s['best_baseline']}")
+    lines.append(f"  {'policy':<28}{'vs none':>24}{'':>22}{'vs best baseline':>26}")
+    for p, v in s["policies"].items():
+      lines.append(f"  {p:<28}{r(v['ratio_vs_none']):>24} {v['verdict_vs_none']:<21}"
+                   f"{r(v['ratio_vs_best_baseline']):>26} {v['verdict_vs_best_baseline']}")
+  return "\n".join(lines)

@@ -3,7 +3,8 @@ measurements, pass/fail targets, and one tarball (``scripts/gpu_record.sh`` runs
 
 What it measures, in order, each skipped when the time budget left is below its estimate:
 
-* ``cosched``, ``workloads``, ``vresource``, ``federated``: :data:`reproduce.EXPERIMENTS`
+* ``cosched``, ``workloads``, ``vresource``, ``evidence``: :data:`reproduce.EXPERIMENTS` (the evidence
+  reduced to one scenario and 3 seeds, on the GPU's own clock)
   under :func:`config` ("gpu"), the paper-like mix of the four built-in tasks at their own
   batch sizes (small kernels that leave a large GPU idle), rounds of seconds;
 * ``gpu_sharing``: fig. 2 extended: equal-share co-runs of the mix on ``fused`` with and
@@ -49,7 +50,7 @@ import jax
 
 from mtfl_jax.experiments import reproduce
 from mtfl_jax.experiments.paper import TRAINING_SPEEDUP
-from mtfl_jax.experiments.scenarios import PAPER_MIX, FedScenario, Regime, Scenario
+from mtfl_jax.experiments.scenarios import PAPER_MIX, Regime, Scenario
 from mtfl_jax.files import write_json
 
 # Nominal dense peaks (FLOP/s) by device kind. Source: NVIDIA H200 Tensor Core GPU datasheet
@@ -63,8 +64,8 @@ NOMINAL_PEAKS = {
              "source": "NVIDIA H100 datasheet (SXM), dense = half the 'with sparsity' tensor figures"},
 }
 TARGETS = {"speedup_vs_sequential": TRAINING_SPEEDUP, "prediction_error": 0.15, "simulator_vs_cpu": 20.0}
-CPU_REFERENCE = "data/recorded/cpu_amd_epyc_2_cores/raw/federated.json"
-ORDER = ("cosched", "gpu_sharing", "workloads", "vresource", "federated", "trace_overlap", "scale")
+CPU_REFERENCE = "benchmarks/recorded/scale_quick_cpu_amd_epyc_2_cores.json"
+ORDER = ("cosched", "gpu_sharing", "workloads", "vresource", "evidence", "trace_overlap", "scale")
 
 
 # Both share the whole GPU (regime (a) of the co-scheduling benchmark): processes under MPS
@@ -98,21 +99,16 @@ def config(mode: str = "gpu") -> GpuConfig:
         reproduce.config("quick"), mode="gpu", profile_tasks=PAPER_MIX, profile_repeats=30,
         cosched_scenarios=(Scenario("paper_mix", PAPER_MIX, (1.0, 2.0, 4.0, 8.0)),), cosched_regimes=GPU_REGIMES,
         cosched_total_s=1.0, repeats=9, cosched_search_repeats=2,
-        vr_tasks=("mnist_lenet", "shapes_unet"), vr_grid=(0.25, 1.0),
-        fed_scenarios=(FedScenario("mlp+cnn+unet", ("digits_mlp", "mnist_lenet", "shapes_unet"), alpha=0.5,
-                                   speed_sigma=0.5, presence=0.7),),
-        fed_rounds=3, fed_clients=8, fed_per_round=4, sim_tasks=("digits_mlp", "mnist_lenet"))
+        vr_tasks=("mnist_lenet", "shapes_unet"), vr_grid=(0.25, 1.0), evidence_mode="gpu")
     return GpuConfig(repro, estimate_s=(("cosched", 180), ("gpu_sharing", 90), ("workloads", 40),
-                                        ("vresource", 50), ("federated", 80), ("trace_overlap", 30),
+                                        ("vresource", 50), ("evidence", 150), ("trace_overlap", 30),
                                         ("scale", 90)))
   if mode == "dry":
     pair = ("digits_mlp", "mnist_lenet")
     repro = dataclasses.replace(
         reproduce.config("tiny"), mode="gpu-dry", profile_tasks=pair, profile_repeats=2,
         cosched_scenarios=(Scenario("paper_mix", pair, (1.0, 2.0)),), cosched_total_s=0.2,
-        cosched_regimes=GPU_REGIMES[1:], repeats=2, vr_tasks=pair, vr_grid=(0.5, 1.0),
-        fed_scenarios=(FedScenario("tiny", pair, 0.5, 0.5),), fed_rounds=1, fed_clients=2,
-        fed_per_round=2, sim_tasks=("digits_mlp",))
+        cosched_regimes=GPU_REGIMES[1:], repeats=2, vr_tasks=pair, vr_grid=(0.5, 1.0), evidence_mode="tiny")
     return GpuConfig(repro, sharing_tasks=pair, sharing_work=(1.0, 2.0), sharing_total_s=0.2,
                      sharing_repeats=1, fused_slice_s=0.01, trace_tasks=pair, trace_s=0.05,
                      scale_work=(("digits_mlp", 8),), scale_rounds=1)
@@ -367,10 +363,12 @@ def flops_table(raw: dict, device_kind: str) -> dict:
   return out
 
 
-def _sim_rate(fed: dict | None, task: str) -> float | None:
-  for s in ((fed or {}).get("simulator") or {}).get("per_task", []):
-    if s["task"] == task:
-      return s["clients"] / s["auto_s"]
+def _sim_rate(scale: dict | None, task: str, clients: int = 100) -> float | None:
+  """Client updates per second of ``task`` at ``clients`` clients on one device, one process
+  (the scale benchmark's summary row)."""
+  for r in (scale or {}).get("summary", []):
+    if (r.get("task"), r.get("clients"), r.get("devices"), r.get("processes")) == (task, clients, 1, 1):
+      return r.get("client_updates_per_s")
   return None
 
 
@@ -395,7 +393,7 @@ def targets(raw: dict, cpu_federated: dict | None) -> list[dict]:
   out.append({"target": "the model's makespan prediction (competitive plan, median over fresh repeats)",
               "threshold": "within 15%",
               "value": err, "pass": None if err is None else abs(err) <= TARGETS["prediction_error"]})
-  gpu, cpu = _sim_rate(raw.get("federated"), "mnist_lenet"), _sim_rate(cpu_federated, "mnist_lenet")
+  gpu, cpu = _sim_rate(raw.get("scale"), "mnist_lenet"), _sim_rate(cpu_federated, "mnist_lenet")
   ratio = gpu / cpu if gpu and cpu else None
   out.append({"target": "federated simulator client updates/s, CNN task (mnist_lenet), vs the recorded CPU",
               "threshold": f">= {TARGETS['simulator_vs_cpu']:.0f}x", "value": ratio,
@@ -524,7 +522,7 @@ def _run_experiment(name, gc, repro, mps, seed, res, log) -> dict:
     from mtfl_jax.experiments.bench_cosched import measure_vr_curves
     return {**measure_vr_curves(repro.vr_tasks, repro.vr_grid, backend="threads", log=log),
             "note": "no MPS daemon: curves measured on 'threads'"}
-  if name == "federated" and no_mps:  # the clock's co-run model too, stored under 'threads'
+  if name == "evidence" and no_mps:  # the clock's co-run model too, stored under 'threads'
     repro = dataclasses.replace(repro, clock_backend="threads")
   return reproduce.EXPERIMENTS[name](repro, seed, log)
 
@@ -565,7 +563,7 @@ def finish(out: str | Path, cpu_reference: str | Path | None = None, log=print) 
 
 def _default_cpu_reference() -> Path:
   from mtfl_jax.data import default_data_dir
-  return default_data_dir().parent / "recorded" / "cpu_amd_epyc_2_cores" / "raw" / "federated.json"
+  return Path(__file__).resolve().parents[2] / CPU_REFERENCE
 
 
 def _fmt(v, spec=".2f"):
@@ -644,7 +642,7 @@ def main(argv=None) -> int:
   p.add_argument("--budget-s", type=float, help="skip experiments that would start past this many seconds")
   p.add_argument("--finish", action="store_true", help="only redo the report from what OUT holds")
   p.add_argument("--tar", help="pack OUT into this .tar.gz at the end")
-  p.add_argument("--cpu-reference", help=f"federated.json of the CPU recording (default {CPU_REFERENCE})")
+  p.add_argument("--cpu-reference", help=f"the CPU's scale benchmark JSON (default {CPU_REFERENCE})")
   p.add_argument("--only", help=f"comma-separated experiments to run (default all: {','.join(ORDER)})")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)

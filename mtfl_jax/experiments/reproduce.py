@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from mtfl_jax.experiments.paper import PAPER, fl_gain_text, speedup_text
-from mtfl_jax.experiments.scenarios import FED_SCENARIOS, FedScenario
 from mtfl_jax.device import device_name, device_slug
 from mtfl_jax.files import check_writable, read_json, reading, write_json
 
@@ -34,25 +33,19 @@ class ReproConfig:
   cosched_search_repeats: int | None = None
   vr_tasks: tuple = ("digits_mlp", "mnist_lenet", "shapes_unet")
   vr_grid: tuple = (0.2, 0.5, 1.0)
-  fed_scenarios: tuple | None = None  # None: scenarios.FED_SCENARIOS
-  fed_rounds: int = 6
-  fed_clients: int = 10
-  fed_per_round: int = 5
-  sim_tasks: tuple = ("digits_mlp", "mnist_lenet")
+  evidence_mode: str | None = None  # mtfl_jax.experiments.evidence.config's mode (None: this mode)
   clock_backend: str = "processes"  # where the federated clock's model is calibrated
+  evidence_dir: str = "results/raw/evidence"  # where its runs are kept (set by reproduce)
 
 
 def config(mode: str) -> ReproConfig:
   if mode == "quick":
     return ReproConfig("quick")
   if mode == "full":
-    return ReproConfig("full", profile_repeats=50, cosched_mode="full",
-                       vr_grid=(0.1, 0.25, 0.5, 0.75, 1.0), fed_rounds=40, fed_per_round=10)
+    return ReproConfig("full", profile_repeats=50, cosched_mode="full", vr_grid=(0.1, 0.25, 0.5, 0.75, 1.0))
   if mode == "tiny":  # for tests: every code path, seconds of measurement
     return ReproConfig("tiny", profile_tasks=("digits_mlp", "mnist_lenet"), profile_repeats=3, cosched_mode="tiny",
-                       vr_tasks=("digits_mlp", "mnist_lenet"), vr_grid=(0.3, 1.0),
-                       fed_scenarios=(FedScenario("tiny", ("digits_mlp", "mnist_lenet"), 0.5, 0.5),),
-                       fed_rounds=2, fed_clients=4, fed_per_round=4, sim_tasks=("digits_mlp",))
+                       vr_tasks=("digits_mlp", "mnist_lenet"), vr_grid=(0.3, 1.0))
   raise ValueError(f"unknown mode {mode!r}; valid: quick, full, tiny")
 
 
@@ -87,17 +80,22 @@ def exp_vresource(cfg: ReproConfig, seed: int, log) -> dict:
   return measure_vr_curves(cfg.vr_tasks, cfg.vr_grid, log=log)
 
 
-def exp_federated(cfg: ReproConfig, seed: int, log) -> dict:
-  from mtfl_jax.experiments.bench_federated import bench_federated
-  return bench_federated(quick=cfg.mode != "full", scenarios=cfg.fed_scenarios or FED_SCENARIOS, seed=seed,
-                         rounds=cfg.fed_rounds, num_clients=cfg.fed_clients, per_round=cfg.fed_per_round,
-                         simulator_tasks=cfg.sim_tasks, log=log, clock_backend=cfg.clock_backend)
+def exp_evidence(cfg: ReproConfig, seed: int, log) -> dict:
+  """The federated evidence (time to accuracy over seeds; :mod:`mtfl_jax.experiments.evidence`):
+  its seeds are fixed sets (evaluation and calibration), whatever ``seed``; its runs are kept
+  under ``raw/evidence/`` so that an interrupted recording resumes run by run."""
+  from mtfl_jax.experiments import evidence
+  ec = dataclasses.replace(evidence.config(cfg.evidence_mode or cfg.mode), clock_backend=cfg.clock_backend)
+  return evidence.run_evidence(ec, Path(cfg.evidence_dir), log=log)
 
 
 EXPERIMENTS = {"workloads": exp_workloads, "cosched": exp_cosched, "vresource": exp_vresource,
-               "federated": exp_federated}
+               "evidence": exp_evidence}
 FIGURE_SOURCES = {"fig1_workloads": "workloads", "fig2_sharing": "cosched", "fig3_vresource": "vresource",
-                  "fig4_intra": "cosched", "fig5_fl_throughput": "federated", "fig6_accuracy": "federated"}
+                  "fig4_intra": "cosched", "fig5_time_to_accuracy": "evidence", "fig6_accuracy": "evidence"}
+# A recording made before the evidence experiment holds federated.json (FL throughput at an
+# equal budget, one seed) instead: it still redraws, and its report says what it is.
+LEGACY = {"evidence": "federated"}
 
 
 # --------------------------------------------------------------------------- report
@@ -260,12 +258,63 @@ def _fed_accuracy_note(fd: dict) -> str:
   return "time to 90% of none's accuracy at the budget, full vs none: " + "; ".join(parts)
 
 
+def _legacy_federated_rows(fd: dict) -> list[dict]:
+  """fig. 5/6 rows of a recording made before the evidence experiment (one seed, FL throughput)."""
+  gains = {s["name"]: s["gain"] for s in fd["scenarios"]}
+  old = " (an older recording: one seed, work throughput at an equal budget; not evidence)"
+  return [
+      {"figure": "fig5_time_to_accuracy",
+       "headline": "FL throughput (work per virtual second), full vs none; vs deadline" + old,
+       "ours": ", ".join(f"{n} {g['total']:.2f}x; {g['vs_deadline']:.2f}x deadline" for n, g in gains.items()),
+       "paper": fl_gain_text() + " (FL throughput)", "device": fd["device"], "spread": "one seed",
+       "note": _fed_throughput_note(fd)},
+      {"figure": "fig6_accuracy", "headline": "accuracy at an equal virtual-time budget, none -> full" + old,
+       "ours": "; ".join(f"{s['name']}: " + ", ".join(
+           f"{t} {s['accuracy_at_budget']['none'][t]:.3f}->{s['accuracy_at_budget']['full'][t]:.3f}"
+           for t in s["tasks"]) for s in fd["scenarios"]),
+       "paper": "accuracy kept", "device": fd["device"], "spread": "one seed", "note": _fed_accuracy_note(fd)}]
+
+
+def _ratio_text(r: dict) -> str:
+  f = lambda v: "never" if v is None else ("inf" if v == "inf" else f"{float(v):.2f}")  # noqa: E731
+  return f"{f(r['median'])}x [{f(r['ci95'][0])}, {f(r['ci95'][1])}]"
+
+
+def _evidence_rows(ev: dict) -> list[dict]:
+  """fig. 5/6 rows from the evidence: time to accuracy and plateaus, with intervals."""
+  n = len(ev["seeds"])
+  tta, acc = [], []
+  for s in ev["scenarios"]:
+    pol = s["policies"]
+    tta.append(f"{s['name']}: full vs none {_ratio_text(pol['full']['ratio_vs_none'])} "
+               f"({pol['full']['verdict_vs_none']}), vs best baseline {s['best_baseline']} "
+               f"{_ratio_text(pol['full']['ratio_vs_best_baseline'])} ({pol['full']['verdict_vs_best_baseline']})")
+    acc.append(f"{s['name']}: " + ", ".join(
+        f"{t} {pol['full']['plateau_vs_none'][t]['median']:+.3f} "
+        f"[{pol['full']['plateau_vs_none'][t]['ci95'][0]:+.3f}, {pol['full']['plateau_vs_none'][t]['ci95'][1]:+.3f}]"
+        for t in s["targets"]))
+  others = "; ".join(f"{s['name']}: " + ", ".join(f"{p} {_ratio_text(v['ratio_vs_none'])}"
+                                                   for p, v in s["policies"].items() if p not in ("none", "full")
+                                                   and "[" not in p) for s in ev["scenarios"])
+  smoke = "" if ev["mode"] == "full" else f" A '{ev['mode']}' run: a smoke test of the code paths, not evidence."
+  return [
+      {"figure": "fig5_time_to_accuracy",
+       "headline": "time to accuracy of the task set (every task at its target), speedup over none (paired; median "
+                   "[95% interval])",
+       "ours": "; ".join(tta), "paper": fl_gain_text() + " FL throughput (a different metric; ours is a diagnostic)",
+       "device": ev["device"], "spread": f"{n} evaluation seeds, paired; targets from calibration seeds "
+                                          f"{ev['calibration_seeds']}",
+       "note": "other policies vs none: " + others + "." + smoke},
+      {"figure": "fig6_accuracy", "headline": "plateau accuracy, full minus none (median [95% interval])",
+       "ours": "; ".join(acc), "paper": "accuracy kept", "device": ev["device"], "spread": f"{n} seeds",
+       "note": "accuracy kept means the interval holds 0." + smoke}]
+
+
 def summarize(raw: dict) -> dict:
   """Headline numbers of each figure, beside the paper's."""
-  wl, cs, vr, fd = raw["workloads"], raw["cosched"], raw["vresource"], raw["federated"]
+  wl, cs, vr, fd = raw["workloads"], raw["cosched"], raw["vresource"], raw["evidence"]
   steps = [p["step_time_s"] for p in wl["profiles"]]
   fig2, fig3_err, fig4 = _cosched_rows(cs)
-  gains = {s["name"]: s["gain"] for s in fd["scenarios"]}
   rows = [
       {"figure": "fig1_workloads", "headline": "step-time spread across tasks (max/min)",
        "ours": f"{max(steps) / min(steps):.0f}x", "paper": "'highly imbalanced' (no number)",
@@ -279,21 +328,9 @@ def summarize(raw: dict) -> dict:
                                    if "regimes" in cs else ""),
        "note": f"model: demand water-filling fitted from one equal-share co-run (C = {vr['capacity']:.2f})"},
       fig4,
-      {"figure": "fig5_fl_throughput",
-       "headline": "FL throughput (work per virtual second), full vs none (intra part x inter part); vs deadline",
-       "ours": ", ".join(f"{n} {g['total']:.2f}x ({g['intra']:.2f} x {g['inter']:.2f}); {g['vs_deadline']:.2f}x deadline"
-                         for n, g in gains.items()),
-       "paper": fl_gain_text(), "device": fd["device"], "spread": "deterministic (virtual clock, recorded mixes)",
-       "note": _fed_throughput_note(fd)},
-      {"figure": "fig6_accuracy", "headline": "accuracy at an equal virtual-time budget, none -> full (deadline)",
-       "ours": "; ".join(f"{s['name']}: " + ", ".join(
-           f"{t} {s['accuracy_at_budget']['none'][t]:.3f}->{s['accuracy_at_budget']['full'][t]:.3f} "
-           f"({s['accuracy_at_budget']['deadline'][t]:.3f})" for t in s["tasks"]) for s in fd["scenarios"]),
-       "paper": "accuracy kept", "device": fd["device"], "spread": "deterministic (same seed)",
-       "note": _fed_accuracy_note(fd)},
-  ]
-  return {"device": device_name(), "paper": PAPER, "rows": rows,
-          "simulator": fd.get("simulator"), "modes": {k: v.get("mode") for k, v in raw.items()}}
+  ] + (_legacy_federated_rows(fd) if "work_throughput" in fd["scenarios"][0] else _evidence_rows(fd))
+  return {"device": device_name(), "paper": PAPER, "rows": rows, "simulator": fd.get("simulator"),
+          "modes": {k: v.get("mode") for k, v in raw.items()}}
 
 
 def write_report(out: Path, summary: dict, header: str) -> Path:
@@ -361,12 +398,14 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
   if not from_recorded:
     finished = _finished_experiments(raw_dir, mode, seed)  # before any work: another run's files refuse
   raw_dir.mkdir(parents=True, exist_ok=True)
+  cfg = dataclasses.replace(cfg, evidence_dir=str(raw_dir / "evidence"))
   raw, note = {}, None
   t0 = time.perf_counter()
   if from_recorded:
     src = Path(from_recorded)
     src = src / "raw" if (src / "raw").is_dir() else src
-    missing = [n for n in EXPERIMENTS if not (src / f"{n}.json").exists()]
+    name = {n: n if (src / f"{n}.json").exists() or n not in LEGACY else LEGACY[n] for n in EXPERIMENTS}
+    missing = [n for n in EXPERIMENTS if not (src / f"{name[n]}.json").exists()]
     if missing:
       raise FileNotFoundError(f"{src} lacks recorded experiment(s) {missing}; expected files "
                               + ", ".join(f"{n}.json" for n in EXPERIMENTS)
@@ -374,9 +413,10 @@ def reproduce(out: str | Path = "results", quick: bool = True, mode: str | None 
                                  else f" ({src} does not exist)")
                               + f"; recorded runs here: {', '.join(map(str, recordings())) or 'none'}")
     for n in EXPERIMENTS:
-      raw[n] = read_json(src / f"{n}.json", "recorded experiment", "re-record it (python -m mtfl_jax reproduce --out DIR) or restore it from git (git checkout -- PATH)", fields=("device",))
+      raw[n] = read_json(src / f"{name[n]}.json", "recorded experiment", "re-record it (python -m mtfl_jax reproduce "
+                         "--out DIR) or restore it from git (git checkout -- PATH)", fields=("device",))
       if src.resolve() != raw_dir.resolve():
-        shutil.copyfile(src / f"{n}.json", raw_dir / f"{n}.json")
+        shutil.copyfile(src / f"{name[n]}.json", raw_dir / f"{name[n]}.json")
     devices = sorted({d["device"] for d in raw.values()})
     note = f"redrawn from recorded data ({src}), measured on {', '.join(devices)}; nothing re-measured"
     header = f"**Redrawn from recorded data** in `{src}` (measured on {', '.join(devices)}); nothing was measured here."
