@@ -562,7 +562,6 @@ def finish(out: str | Path, cpu_reference: str | Path | None = None, log=print) 
 
 
 def _default_cpu_reference() -> Path:
-  from mtfl_jax.data import default_data_dir
   return Path(__file__).resolve().parents[2] / CPU_REFERENCE
 
 
