@@ -3,6 +3,7 @@ docs/fl_tools.md, in order, each page in a namespace of its own (later blocks us
 ones defined, as a reader would), in a temporary folder. A block whose first line is
 ``# not run in tests`` (it needs a network or a GPU) is skipped. What the examples register
 (tasks, policies, executors) is unregistered afterwards."""
+import importlib.util
 import re
 from pathlib import Path
 
@@ -58,3 +59,27 @@ def test_skipped_blocks_are_only_those_marked():
       code = m.group(1)
       if SKIP in code:
         assert code.lstrip().startswith(SKIP), f"docs/{page}: '{SKIP}' must be a block's first line"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/scale_out.md", "docs/fleets.md", "docs/your_own_task.md"])
+def test_the_other_pages_python_blocks_name_only_what_the_package_has(page):
+  """Blocks not run here (they train for minutes, start processes or use several devices)
+  still parse, and every name they take from the package exists: ``from mtfl_jax... import
+  X`` and ``mt.X``."""
+  import ast
+  import importlib
+
+  import mtfl_jax
+  text = (DOCS.parent / page).read_text()
+  blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+  assert blocks
+  for code in blocks:
+    tree = ast.parse(code)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mtfl_jax"):
+        mod = importlib.import_module(node.module)
+        for alias in node.names:
+          assert hasattr(mod, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
+              f"{page}: {node.module} has no {alias.name}"
+      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "mt":
+        assert hasattr(mtfl_jax, node.attr), f"{page}: mtfl_jax has no {node.attr}"
