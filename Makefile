@@ -1,17 +1,18 @@
 # The two commands of the README: `make demo` (reproduce the paper's figures, quick mode)
-# and `make test` (unit tests + notebooks). Both create .venv on first use.
+# and `make test` (unit tests + notebooks). Both create .venv on first use. `make docs`: the
+# API reference from the docstrings (pdoc), HTML in docs/api/.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODE ?= --quick
 OUT ?= results
 
-.PHONY: demo test bench install clean gpu-record gpu-record-dry gpu-wheels
+.PHONY: demo test docs bench install clean gpu-record gpu-record-dry gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,notebooks]'
+	$(PY) -m pip install -q -e '.[test,notebooks,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,6 +23,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax notebooks
+
+# Fails when a module does not import (scripts/api_docs.py imports every one first).
+docs: $(VENV)/.installed
+	$(PY) scripts/api_docs.py --out docs/api
 
 # The two benchmarks side by side (benchmarks/*.py; mtfl_jax/experiments/bench_*.py).
 bench: $(VENV)/.installed
@@ -41,4 +46,4 @@ gpu-record-dry: $(VENV)/.installed
 	PY=$(abspath $(PY)) bash scripts/gpu_record.sh --dry-run
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results docs/api

@@ -18,7 +18,7 @@ Example::
 The top level holds the names a user starts with; everything else lives in its submodule
 (``mtfl_jax.federated``, ``mtfl_jax.cosched``, ``mtfl_jax.profiling``, ...).
 
-Your own task (README, "Your own task")::
+Your own task (docs/your_own_task.md has the whole script)::
 
     mine = mt.Task("mine", MyNet(), mt.Dataset.from_arrays("mine", x, y, xt, yt),
                    optimizer=optax.adam(1e-3))

@@ -257,11 +257,12 @@ def _run_script(code: str, tmp_path: Path) -> str:
 
 
 def test_the_readmes_your_own_task_script_runs_as_written(tmp_path):
-  """The README's script (a model class at top level, no main guard, the processes backend,
-  then a federated run that calibrates its own clock for the user's task)."""
+  """The script the README's "Your own task" links to, docs/your_own_task.md (a model class at
+  top level, no main guard, the processes backend, then a federated run that calibrates its
+  own clock for the user's task)."""
   readme = (REPO / "README.md").read_text()
-  section = readme.split("## Your own task", 1)[1].split("\n## ", 1)[0]
-  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert "docs/your_own_task.md" in readme.split("## Your own task", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "your_own_task.md").read_text(), re.S)
   assert blocks and "__main__" not in blocks[0] and '"processes"' in blocks[0]
   out = _run_script(blocks[0], tmp_path)
   assert out.count("blobs_net: 259 params") == 1  # printed once: the workers did not re-run the script
