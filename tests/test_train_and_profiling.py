@@ -58,7 +58,6 @@ def _scripted_times(monkeypatch, script):
     return script.pop(0)
 
   monkeypatch.setattr(mt.train, "time_calls", fake)
-  monkeypatch.setattr(mt.train, "_MODE_CACHE", {})
   return calls
 
 
@@ -72,9 +71,10 @@ def _scripted_times(monkeypatch, script):
 ])
 def test_auto_mode_picks_the_faster_by_the_timings(monkeypatch, script, expected, timed):
   calls = _scripted_times(monkeypatch, script)
-  assert mt.train.choose_local_mode("digits_mlp", 3, repeats=3) == expected
+  task = mt.get_task("digits_mlp").replace()  # a new task: its own (empty) cache of choices
+  assert mt.train.choose_local_mode(task, 3, repeats=3) == expected
   assert len(calls) == timed and script == []
-  assert mt.train.choose_local_mode("digits_mlp", 3, repeats=3) == expected and len(calls) == timed  # cached
+  assert mt.train.choose_local_mode(task, 3, repeats=3) == expected and len(calls) == timed  # kept on the task
 
 
 def test_auto_mode_on_real_timings_is_the_faster_one(monkeypatch):
@@ -87,8 +87,7 @@ def test_auto_mode_on_real_timings_is_the_faster_one(monkeypatch):
     return t
 
   monkeypatch.setattr(mt.train, "time_calls", spy)
-  monkeypatch.setattr(mt.train, "_MODE_CACHE", {})
-  got = mt.train.choose_local_mode("mnist_lenet", 3, repeats=2)
+  got = mt.train.choose_local_mode(mt.get_task("mnist_lenet").replace(), 3, repeats=2)
   assert got == ("scan" if min(seen[1:]) < seen[0] else "unroll"), seen
   with pytest.raises(ValueError, match="unknown mode"):
     mt.make_local_update("digits_mlp", 2, "vmap")
