@@ -91,18 +91,21 @@ def clients_program(step: Callable, layout: str = "vmap_patch", donate: bool = F
 
 
 class _LoopProgram:
-  """The ``loop`` layout: one dispatch per client, with the stacked states split and
-  restacked by one compiled program each (not one slice per leaf and client)."""
+  """The ``loop`` layout: one dispatch per client of its own program, each client's state
+  taken from the stacked states and put back by one small compiled program each (compiled
+  once, whatever the number of clients; the output buffer is updated in place)."""
 
   def __init__(self, one):
     self.one = one
-    self._split = jax.jit(lambda states, n: [jax.tree.map(lambda a: a[c], states) for c in range(n)],
-                          static_argnums=1)
-    self._stack = jax.jit(lambda outs: jax.tree.map(lambda *a: jnp.stack(a), *outs))
+    self._get = jax.jit(lambda states, c: jax.tree.map(lambda a: a[c], states))
+    self._put = jax.jit(lambda states, c, s: jax.tree.map(lambda a, b: a.at[c].set(b), states, s),
+                        donate_argnums=0)
 
   def __call__(self, states, x, y, ids, mask):
-    parts = self._split(states, ids.shape[0])
-    return self._stack([self.one(p, x, y, ids[c], mask[c]) for c, p in enumerate(parts)])
+    out = jax.tree.map(jnp.copy, states)  # the caller's states stay valid
+    for c in range(ids.shape[0]):
+      out = self._put(out, c, self.one(self._get(states, c), x, y, ids[c], mask[c]))
+    return out
 
 
 def measure_layouts(step: Callable, states, x, y, ids, mask, layouts: Sequence[str] = LAYOUTS,

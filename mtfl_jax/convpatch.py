@@ -67,7 +67,7 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
           "custom_vjp_call_jaxpr": "fun_jaxpr"}
 _REMAT = ("checkpoint", "remat", "remat2")  # jax.checkpoint's primitive, by JAX release
-EXTRACT = ("gather", "patches")
+EXTRACT = ("slices", "patches")
 
 
 def _is_literal(v) -> bool:
@@ -93,6 +93,13 @@ def _bind(eqn, invals):
 
 
 # --------------------------------------------------------------------------- the rewrite
+# Layout. XLA CPU runs a matmul fastest with its long dimension minor (vectorised) and both
+# operands in their natural row-major layout (a transposed operand is copied first). So the
+# rewrite works feature-major: the input as [C, N, S...], patches as [K, C, N, O...] (each
+# window offset's slice a contiguous block: no gather), and the matmul as
+# ``W^T [F, K*C] @ P [K*C, N*O] -> [F, N*O]``; the result is transposed back once. A weight
+# gradient then contracts the forward convolution's own patches with the output gradient
+# in its natural layout, and XLA computes those patches once for both.
 def _out_size(n: int, k: int, stride: int, rdil: int) -> int:
   span = (k - 1) * rdil + 1
   return (n - span) // stride + 1 if n >= span else 0
@@ -109,73 +116,73 @@ def _pad_dilate(x, axes, padding, dilation):
   return lax.pad(x, jnp.zeros((), x.dtype), cfg)
 
 
-def _positions(grid, first, firstmul, second, secondmul):
-  """Flat positions in a row-major spatial ``grid`` of ``i * firstmul + j * secondmul`` (per
-  dimension) for every multi-index i over ``first`` then j over ``second``: shape
-  ``first + second``."""
-  d = len(grid)
-  pos = np.zeros(tuple(first) + tuple(second), np.int32)
-  stride = 1
-  for ax in reversed(range(d)):
-    shape = [1] * (2 * d)
-    i = np.arange(first[ax]).reshape(shape[:ax] + [-1] + shape[ax + 1:]) * firstmul[ax]
-    j = np.arange(second[ax]).reshape(shape[:d + ax] + [-1] + shape[d + ax + 1:]) * secondmul[ax]
-    pos = pos + (i + j) * stride
-    stride *= grid[ax]
-  return pos
+def _windows(x, first, firstmul, second, secondmul):
+  """``[A, B, S...]`` -> ``[prod(first), A, B, second...]``: for each multi-index i over
+  ``first``, the strided slice ``x[..., i * firstmul + j * secondmul]`` over j in ``second``
+  (per spatial dimension). The patches of a convolution are ``first`` = window offsets,
+  ``second`` = output positions (or the reverse: the same slices).
+
+  One spatial dimension at a time (a 5x5 window: 5 + 5 slices, not 25), each dimension's
+  slices stacked on a new leading axis: XLA CPU copies these in contiguous runs, and runs
+  this 2-5x faster than one gather or 25 slices stacked at once (measured on LeNet's)."""
+  d = len(first)
+  for j in range(d):
+    parts = []
+    for i in range(first[j]):
+      start = [0] * x.ndim
+      limit, step = list(x.shape), [1] * x.ndim
+      a = j + 2 + j  # spatial dimension j: after the j axes stacked so far and A, B
+      start[a] = i * firstmul[j]
+      limit[a] = start[a] + (second[j] - 1) * secondmul[j] + 1
+      step[a] = secondmul[j]
+      parts.append(lax.slice(x, start, limit, step))
+    x = jnp.stack(parts, axis=j)
+  return x.reshape(-1, *x.shape[d:])
 
 
-def _take(x, pos):
-  """``x[:, pos, :]`` on a ``[A, S_flat, B]`` array: one gather of contiguous rows."""
-  # the positions are in bounds by construction: no clamping or fill in the gather
-  rows = x.at[:, pos.reshape(-1)].get(mode="promise_in_bounds")
-  return rows.reshape(x.shape[0], *pos.shape, x.shape[2])
-
-
-def _window_sum(y, axes, window_axes, window, strides, rdil, out_sp):
-  """``sum_k y[..., o * stride + k * rdil (on axes), k (on window_axes), ...]``: the sum over
-  the window of strided slices; the window axes are dropped."""
-  total = None
-  for k in itertools.product(*(range(w) for w in window)):
-    start, limit, step = [0] * y.ndim, list(y.shape), [1] * y.ndim
-    for a, ki, st, r, o in zip(axes, k, strides, rdil, out_sp):
-      start[a], limit[a], step[a] = ki * r, ki * r + (o - 1) * st + 1, st
-    for a, ki in zip(window_axes, k):
-      start[a], limit[a] = ki, ki + 1
-    part = lax.slice(y, start, limit, step)
-    part = part.reshape([n for a, n in enumerate(part.shape) if a not in window_axes])
-    total = part if total is None else total + part
-  return total
+def _patches_conv(x, window, strides, rdil):
+  """The same ``[K, C, N, O...]`` patches as :func:`_windows` (``first`` = the window) from
+  ``lax.conv_general_dilated_patches``: a convolution with a constant 0/1 kernel, grouped over
+  the input features."""
+  c, n = x.shape[:2]
+  p = lax.conv_general_dilated_patches(jnp.swapaxes(x, 0, 1), window, strides, [(0, 0)] * len(window),
+                                       None, rdil)  # [N, C*K, O...], C the slowest
+  p = p.reshape(n, c, math.prod(window), *p.shape[2:])
+  return jnp.transpose(p, (2, 1, 0, *range(3, p.ndim)))
 
 
 def _shifted_sum(y, padding, dilation, window, strides, rdil):
-  """``[N, S..., K..., F]`` -> ``[N, O..., F]``: ``out[o] = sum_k yd[o * stride + k * rdil, k]``,
-  ``yd`` being ``y`` padded and dilated along S (col2im). With unit strides each window
-  offset's term is one pad (XLA fuses the pads and adds into one loop over the output);
-  otherwise ``y`` is padded once and strided slices are summed."""
+  """col2im: ``[K..., F, N, S...]`` -> ``[F, N, O...]``, ``out[o] = sum_k yd[k, o * stride + k
+  * rdil]`` with ``yd`` = ``y`` padded and dilated along S. With unit strides each window
+  offset's term is one pad of a contiguous block (XLA fuses the pads and adds into one loop
+  over the output); otherwise ``y`` is padded once and strided slices are summed."""
   d = len(window)
-  sp, sizes = range(1, d + 1), [(s - 1) * dl + 1 + lo + hi for s, dl, (lo, hi) in zip(y.shape[1:d + 1], dilation,
-                                                                                        padding)]
+  in_sp = y.shape[d + 2:]
+  sp = range(2, d + 2)
+  sizes = [(s - 1) * dl + 1 + lo + hi for s, dl, (lo, hi) in zip(in_sp, dilation, padding)]
   out_sp = tuple(_out_size(s, k, st, r) for s, k, st, r in zip(sizes, window, strides, rdil))
-  if any(st != 1 for st in strides):
-    yd = _pad_dilate(y, sp, padding, dilation)
-    return _window_sum(yd, sp, range(d + 1, 2 * d + 1), window, strides, rdil, out_sp)
   total = None
   for k in itertools.product(*(range(w) for w in window)):
-    part = y[(slice(None),) * (d + 1) + k]  # [N, S..., F]
-    pads = [(lo - ki * r, o - ((s - 1) * dl + 1) - (lo - ki * r)) for (lo, _), ki, r, o, s, dl
-            in zip(padding, k, rdil, out_sp, y.shape[1:d + 1], dilation)]
-    part = _pad_dilate(part, sp, pads, dilation)
+    part = y[k]  # [F, N, S...]
+    if all(st == 1 for st in strides):
+      pads = [(lo - ki * r, o - ((s - 1) * dl + 1) - (lo - ki * r)) for (lo, _), ki, r, o, s, dl
+              in zip(padding, k, rdil, out_sp, in_sp, dilation)]
+      part = _pad_dilate(part, sp, pads, dilation)
+    else:
+      part = _pad_dilate(part, sp, padding, dilation)
+      start = (0, 0) + tuple(ki * r for ki, r in zip(k, rdil))
+      limit = part.shape[:2] + tuple(s0 + (o - 1) * st + 1 for s0, o, st in zip(start[2:], out_sp, strides))
+      part = lax.slice(part, start, limit, (1, 1) + tuple(strides))
     total = part if total is None else total + part
   return total
 
 
 def conv_form(lhs_shape, rhs_shape, params) -> str:
-  """How :func:`conv_as_matmul` computes a convolution: ``"im2col"`` (gather the input's
-  windows, then one matmul) or ``"col2im"`` (one matmul of every input position with the
-  whole kernel, then a sum of shifted slices). col2im skips the zeros of padding and of lhs
-  dilation in the matmul, so it wins where the output has more positions than the input
-  (an input-gradient convolution, a transposed convolution); otherwise im2col."""
+  """How :func:`conv_as_matmul` computes a convolution: ``"im2col"`` (the input's windows as
+  patches, then one matmul) or ``"col2im"`` (one matmul of every input position with the whole
+  kernel, then a sum of shifted slices). col2im skips the zeros of padding and of lhs
+  dilation in the matmul, so it wins where the output has more positions than the input (an
+  input-gradient convolution, a transposed convolution); otherwise im2col."""
   lhs_spec, rhs_spec, _ = params["dimension_numbers"]
   in_sp = [lhs_shape[a] for a in lhs_spec[2:]]
   window = [rhs_shape[a] for a in rhs_spec[2:]]
@@ -186,10 +193,11 @@ def conv_form(lhs_shape, rhs_shape, params) -> str:
 
 
 def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                   precision=None, preferred_element_type=None, extract: str = "gather", form: str | None = None):
+                   precision=None, preferred_element_type=None, extract: str = "slices", form: str | None = None):
   """``lax.conv_general_dilated`` (``feature_group_count = batch_group_count = 1``, explicit
-  padding) as a gather of patches and one ``dot_general`` (im2col), or as one ``dot_general``
-  and a sum of shifted slices (col2im); ``form`` None picks by :func:`conv_form`."""
+  padding) as patches and one ``dot_general`` (im2col), or one ``dot_general`` and a sum of
+  shifted slices (col2im); ``form`` None picks by :func:`conv_form`. ``extract``: patches by
+  ``"slices"`` or by ``lax.conv_general_dilated_patches`` (``"patches"``)."""
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   d = len(lhs_spec) - 2
   params = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
@@ -197,52 +205,39 @@ def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
   form = form or conv_form(lhs.shape, rhs.shape, params)
   window = tuple(rhs.shape[a] for a in rhs_spec[2:])
   n_ax, c_ax, sp_ax = lhs_spec[0], lhs_spec[1], tuple(lhs_spec[2:])
+  sp = range(2, d + 2)
   dot = functools.partial(lax.dot_general, precision=precision, preferred_element_type=preferred_element_type)
   if form == "col2im":
-    w = jnp.transpose(rhs, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))  # [C, K..., F]
-    x = jnp.transpose(lhs, (n_ax, *sp_ax, c_ax))  # [N, S..., C]
-    y = dot(x, w, (((d + 1,), (0,)), ((), ())))  # [N, S..., K..., F]
-    out = _shifted_sum(y, padding, lhs_dilation, window, window_strides, rhs_dilation)
-    layout = (0, d + 1, *range(1, d + 1))  # [N, O..., F] -> [N, F, O...]
-  else:
-    # The gather reads rows that are contiguous in memory: channels-last when the batch
-    # axis comes first, else batch-last. The latter is a weight-gradient convolution (its
-    # "batch" is the input feature axis, its "features" the batch, its window the output's
-    # size): it then gathers the very patches of the forward convolution, which XLA computes
-    # once, and contracts them over their leading (major) axes with the output gradient as
-    # the first operand, so that only that small operand is transposed.
-    batch_last = n_ax > c_ax
-    x = jnp.transpose(lhs, (c_ax, *sp_ax, n_ax) if batch_last else (n_ax, *sp_ax, c_ax))
-    x = _pad_dilate(x, range(1, d + 1), padding, lhs_dilation)
-    grid = x.shape[1:d + 1]
-    out_sp = tuple(_out_size(s, k, st, r) for s, k, st, r in zip(grid, window, window_strides, rhs_dilation))
-    one = math.prod(window) == 1 and all(s == 1 for s in window_strides) and tuple(grid) == tuple(out_sp)
-    if batch_last:
-      w = jnp.transpose(rhs, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))  # [C, K..., F]
-      if one:  # a 1x1 convolution is a matmul already
-        p = x.reshape(x.shape[0], *([1] * d), *x.shape[1:])
-      else:
-        pos = _positions(grid, window, rhs_dilation, out_sp, window_strides)  # [K..., O...]
-        p = _take(x.reshape(x.shape[0], -1, x.shape[-1]), pos)  # [C, K..., O..., N]
-      out = dot(w, p, ((tuple(range(d + 1)), tuple(range(d + 1))), ((), ())))  # [F, O..., N]
-      layout = (d + 1, 0, *range(1, d + 1))
+    x = jnp.transpose(lhs, (c_ax, n_ax, *sp_ax))  # [C, N, S...]
+    w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[0], rhs_spec[1]))  # [K..., F, C]
+    y = dot(w, x, (((d + 1,), (0,)), ((), ())))  # [K..., F, N, S...]
+    out = _shifted_sum(y, padding, lhs_dilation, window, window_strides, rhs_dilation)  # [F, N, O...]
+    canon = jnp.swapaxes(out, 0, 1)
+  elif n_ax < c_ax:  # the batch axis before the features: a forward-like convolution
+    x = _pad_dilate(jnp.transpose(lhs, (c_ax, n_ax, *sp_ax)), sp, padding, lhs_dilation)  # [C, N, S...]
+    out_sp = tuple(_out_size(s, k, st, r) for s, k, st, r in zip(x.shape[2:], window, window_strides, rhs_dilation))
+    if extract == "patches":
+      p = _patches_conv(x, window, window_strides, rhs_dilation)
     else:
-      w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))  # [K..., C, F]
-      if one:
-        p = x.reshape(*x.shape[:d + 1], *([1] * d), x.shape[-1])
-      elif extract == "patches":
-        # columns of conv_general_dilated_patches: feature-major (C slowest), then the window
-        p = lax.conv_general_dilated_patches(jnp.moveaxis(x, -1, 1), window, window_strides, [(0, 0)] * d, None,
-                                             rhs_dilation, precision=precision)  # [N, C*K, O...]
-        p = jnp.moveaxis(p.reshape(p.shape[0], x.shape[-1], *window, *out_sp), 1, -1)
-        p = jnp.moveaxis(p, range(1, d + 1), range(d + 1, 2 * d + 1))  # [N, O..., K..., C]
-      else:
-        pos = _positions(grid, out_sp, window_strides, window, rhs_dilation)  # [O..., K...]
-        p = _take(x.reshape(x.shape[0], -1, x.shape[-1]), pos)  # [N, O..., K..., C]
-      out = dot(p, w, ((tuple(range(d + 1, 2 * d + 2)), tuple(range(d + 1))), ((), ())))  # [N, O..., F]
-      layout = (0, d + 1, *range(1, d + 1))
-  canon = jnp.transpose(out, layout)  # [N, F, O...]
-  return jnp.transpose(canon, np.argsort(out_spec))
+      p = _windows(x, window, rhs_dilation, out_sp, window_strides)  # [K, C, N, O...]
+    w = jnp.transpose(rhs, (rhs_spec[0], *rhs_spec[2:], rhs_spec[1]))  # [F, K..., C]
+    w = w.reshape(w.shape[0], -1, w.shape[-1])
+    out = dot(w, p, (((1, 2), (0, 1)), ((), ())))  # [F, N, O...]
+    canon = jnp.swapaxes(out, 0, 1)
+  else:
+    # The batch axis after the features: a weight gradient (its "batch" is the input's
+    # feature axis, its "features" the batch, its window the output's size, its output
+    # positions the kernel's). Its windows are the forward convolution's patches: the same
+    # transpose, pad and slices (window offsets and output positions swap roles), which XLA
+    # then computes once for both.
+    x = _pad_dilate(jnp.transpose(lhs, (n_ax, c_ax, *sp_ax)), sp, padding, lhs_dilation)  # [N, C, S...]
+    out_sp = tuple(_out_size(s, k, st, r) for s, k, st, r in zip(x.shape[2:], window, window_strides, rhs_dilation))
+    p = _windows(x, out_sp, window_strides, window, rhs_dilation)  # [O, N, C, K...]
+    w = jnp.transpose(rhs, (rhs_spec[1], *rhs_spec[2:], rhs_spec[0]))  # [C, K..., F]
+    out = dot(p, w, ((tuple(range(2, d + 3)), tuple(range(d + 1))), ((), ())))  # [O, N, F]
+    out = out.reshape(*out_sp, *out.shape[1:])  # [O..., N, F]
+    canon = jnp.transpose(out, (d, d + 1, *range(d)))
+  return jnp.transpose(canon, np.argsort(out_spec))  # canon: [N, F, O...]
 
 
 def _unsupported(params, lhs, rhs) -> str | None:
@@ -352,7 +347,7 @@ def _while(eqn, invals, ev):
                         lambda c: ev(p["body_jaxpr"], [*bconsts, *c]), init)
 
 
-def patch_convs(fn: Callable, extract: str = "gather") -> Callable:
+def patch_convs(fn: Callable, extract: str = "slices") -> Callable:
   """``fn`` with every (ungrouped, floating-point) convolution it traces, forward and
   backward, computed as patch extraction plus a matmul (see the module docstring).
 

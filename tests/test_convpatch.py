@@ -133,7 +133,7 @@ def test_grouped_convolutions_fall_back_and_say_why():
 
 
 def test_bad_extract_is_refused():
-  with pytest.raises(ValueError, match="valid: gather, patches"):
+  with pytest.raises(ValueError, match="valid: slices, patches"):
     patch_convs(lambda x: x, extract="im2row")
 
 
