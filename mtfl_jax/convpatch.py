@@ -83,6 +83,16 @@ def _split_closed(j) -> tuple[Any, Sequence]:
   return (j.jaxpr, j.consts) if hasattr(j, "consts") else (j, ())
 
 
+def _scan_operands(params, args) -> tuple[list, list, list]:
+  """(consts, initial carry, xs) of a ``scan`` equation's operands: counted by ``num_consts``
+  and ``num_carry`` before JAX 0.11, by the flat-tree ``ft_in`` from 0.11 on."""
+  if "num_consts" in params:
+    nc, ncarry = params["num_consts"], params["num_carry"]
+    return list(args[:nc]), list(args[nc:nc + ncarry]), list(args[nc + ncarry:])
+  consts, carry, xs = params["ft_in"].update(list(args)).unpack()
+  return list(consts), list(carry), list(xs)
+
+
 def _bind(eqn, invals):
   """The equation's own primitive on ``invals`` (as ``jax.core.eval_jaxpr`` binds it)."""
   bound = eqn.primitive.get_bind_params(eqn.params)
@@ -328,11 +338,11 @@ def _eval_closed(closed, args, extract):
 
 def _scan(eqn, invals, ev):
   p = eqn.params
-  nc, ncarry = p["num_consts"], p["num_carry"]
-  consts, init, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
+  consts, init, xs = _scan_operands(p, invals)
+  ncarry = len(init)
 
   def body(carry, x):
-    out = ev(p["jaxpr"], [*consts, *carry, *x])
+    out = ev(p["jaxpr"], [*consts, *carry, *x])  # the body's outputs: the carry, then ys
     return out[:ncarry], out[ncarry:]
 
   carry, ys = lax.scan(body, init, xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
