@@ -250,6 +250,43 @@ def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation, rhs_dilat
   return jnp.transpose(canon, np.argsort(out_spec))  # canon: [N, F, O...]
 
 
+def window_sum_as_slices(x, *, window_dimensions, window_strides, padding, base_dilation, window_dilation):
+  """``lax.reduce_window`` with ``add`` (``reduce_window_sum``: average pooling and its
+  gradient) without XLA's reduce-window: non-overlapping windows as a reshape and a sum,
+  others as the sum of the window's strided slices of the padded, dilated input."""
+  d = x.ndim
+  if (tuple(window_dimensions) == tuple(window_strides) and all(lo == hi == 0 for lo, hi in padding)
+      and all(b == 1 for b in base_dilation) and all(w == 1 for w in window_dilation)
+      and all(n % w == 0 for n, w in zip(x.shape, window_dimensions))):
+    split = [v for n, w in zip(x.shape, window_dimensions) for v in (n // w, w)]
+    return x.reshape(split).sum(axis=tuple(range(1, 2 * d, 2)))
+  xp = _pad_dilate(x, range(d), padding, base_dilation)
+  out = tuple(_out_size(n, w, st, r) for n, w, st, r in zip(xp.shape, window_dimensions, window_strides,
+                                                           window_dilation))
+  total = None
+  for k in itertools.product(*(range(w) for w in window_dimensions)):
+    start = tuple(ki * r for ki, r in zip(k, window_dilation))
+    limit = tuple(s0 + (o - 1) * st + 1 for s0, o, st in zip(start, out, window_strides))
+    part = lax.slice(xp, start, limit, tuple(window_strides))
+    total = part if total is None else total + part
+  return total
+
+
+# windows of more elements stay XLA's reduce-window (the slices' sum would grow with them)
+MAX_WINDOW_SLICES = 16
+
+
+def _window_sum_rule(eqn, invals):
+  p = eqn.params
+  (x,) = invals
+  overlapping = tuple(p["window_dimensions"]) != tuple(p["window_strides"])
+  if overlapping and math.prod(p["window_dimensions"]) > MAX_WINDOW_SLICES:
+    return _bind(eqn, invals)
+  return window_sum_as_slices(x, window_dimensions=p["window_dimensions"], window_strides=p["window_strides"],
+                              padding=p["padding"], base_dilation=p["base_dilation"],
+                              window_dilation=p["window_dilation"]).astype(eqn.outvars[0].aval.dtype)
+
+
 def _unsupported(params, lhs, rhs) -> str | None:
   """Why a convolution stays a convolution (None: it is rewritten)."""
   if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
@@ -276,7 +313,7 @@ def _conv_rule(eqn, invals, extract):
 @functools.lru_cache(maxsize=4096)
 def _has_conv(jaxpr) -> bool:
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
+    if eqn.primitive.name in ("conv_general_dilated", "reduce_window_sum"):
       return True
     if any(_has_conv(sub) for sub in _jaxprs_in_params(eqn.params)):
       return True
@@ -311,6 +348,8 @@ def _eval_eqn(eqn, invals, extract):
   name = eqn.primitive.name
   if name == "conv_general_dilated":
     return _conv_rule(eqn, invals, extract)
+  if name == "reduce_window_sum":
+    return _window_sum_rule(eqn, invals)
   subs = list(_jaxprs_in_params(eqn.params))
   if not subs or not any(_has_conv(s) for s in subs):
     return _bind(eqn, invals)

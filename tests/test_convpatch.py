@@ -19,7 +19,7 @@ import pytest
 from jax import lax
 
 from mtfl_jax.client_layouts import LAYOUTS, clients_program, parse_layout
-from mtfl_jax.convpatch import conv_as_matmul, conv_form, conv_report, patch_convs
+from mtfl_jax.convpatch import conv_as_matmul, conv_form, conv_report, patch_convs, window_sum_as_slices
 from mtfl_jax.data import Dataset
 from mtfl_jax.tasks import Task, get_task
 from mtfl_jax.train import init_state, make_train_step, synthetic_batches
@@ -240,3 +240,17 @@ def test_patched_program_compiles_once():
   program(states, x, y, ids, mask)
   program(states, x, y, ids + 1, mask)
   assert len(traces) == 1
+
+
+@pytest.mark.parametrize("window,strides,padding,base,wdil", [
+    ((1, 2, 2, 1), (1, 2, 2, 1), ((0, 0),) * 4, (1,) * 4, (1,) * 4),  # average pooling
+    ((1, 3, 3, 1), (1, 2, 1, 1), ((0, 0), (1, 1), (1, 0), (0, 0)), (1,) * 4, (1,) * 4),  # overlapping, padded
+    ((1, 2, 2, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0)), (1, 2, 2, 1), (1,) * 4),  # pooling's gradient
+    ((1, 2, 2, 1), (1, 1, 1, 1), ((0, 0),) * 4, (1,) * 4, (1, 2, 1, 1)),  # window dilation
+])
+def test_window_sum_equals_reduce_window(window, strides, padding, base, wdil):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 8, 3))
+  want = lax.reduce_window(x, 0.0, lax.add, window, strides, padding, base, wdil)
+  kw = dict(window_dimensions=window, window_strides=strides, padding=padding, base_dilation=base,
+            window_dilation=wdil)
+  _close(window_sum_as_slices(x, **kw), want, 1e-6)

@@ -50,15 +50,16 @@ TARGETS = {"lenet_100_vs_loop": 4.0, "lenet_mfu": 0.30, "mlp_1000_vs_loop": 2.0}
 def _modes(quick: bool) -> dict:
   if quick:
     return {"steps": 2, "repeats": 2, "points": [
-        ("mnist_lenet", 100, ("loop", "loop_patch", "vmap_patch/100", "vmap_patch/10", "map_patch/10")),
-        ("digits_mlp", 100, ("loop", "loop_dev", "vmap/100", "map/100")),
-        ("digits_mlp", 1000, ("loop", "vmap/1000", "vmap/100"))]}
+        ("mnist_lenet", 100, ("loop", "loop_patch", "map_patch/25")),
+        ("digits_mlp", 100, ("loop", "vmap/100")),
+        ("digits_mlp", 1000, ("loop", "vmap/100"))]}
   return {"steps": 3, "repeats": 3, "points": [
-      ("mnist_lenet", 100, ("loop", "loop_dev", "loop_patch", "vmap/10", "vmap_patch/100", "vmap_patch/20",
-                            "vmap_patch/10", "vmap_patch/4", "map_patch/10", "map/10", "unrolled_patch/2",
-                            "unrolled/2")),
-      ("digits_mlp", 100, ("loop", "loop_dev", "vmap/100", "vmap/20", "map/100")),
-      ("digits_mlp", 1000, ("loop", "loop_dev", "vmap/1000", "vmap/250", "vmap/100", "map/1000"))]}
+      ("mnist_lenet", 100, ("loop", "loop_dev", "loop_patch", "vmap/10", "vmap_patch/100", "vmap_patch/10",
+                            "vmap_patch/2", "map/10", "map_patch/100", "map_patch/25", "map_patch/5",
+                            "unrolled/2", "unrolled_patch/2")),
+      ("digits_mlp", 100, ("loop", "loop_dev", "vmap/100", "vmap/25", "map/100")),
+      ("digits_mlp", 1000, ("loop", "loop_dev", "vmap/1000", "vmap/250", "vmap/100", "vmap/50", "map/1000",
+                            "map/100"))]}
 
 
 def _layout_name(spec: str) -> tuple[str, int | None]:
