@@ -222,13 +222,13 @@ def bench_layouts(quick: bool = False, points: Sequence | None = None, steps: in
 
 
 def table(out: dict) -> str:
-  head = (f"{'task':<12}{'clients':>8} {'layout':<18}{'upd/s':>9}{'x loop':>8}{'MFU %':>7}"
+  head = (f"{'task':<12}{'clients':>8} {'layout':<18}{'upd/s':>9}{'x loop':>8}{'GFLOP/s':>9}{'MFU %':>7}"
           f"{'FLOP/B':>8}{'max|dAgg|':>11}{'1st s':>7}")
   rows = [head, "-" * len(head)]
   for p in out["points"]:
     inten = f"{p['intensity']:.2f}" if p["intensity"] else "-"
     rows.append(f"{p['task']:<12}{p['clients']:>8} {p['layout']:<18}{p['client_updates_per_s']:>9.1f}"
-                f"{p['speedup_vs_loop']:>8.2f}{100 * p['mfu']:>7.1f}{inten:>8}{p['max_abs_diff']:>11.1e}"
+                f"{p['speedup_vs_loop']:>8.2f}{p['achieved_flops'] / 1e9:>9.2f}{100 * p['mfu']:>7.1f}{inten:>8}{p['max_abs_diff']:>11.1e}"
                 f"{p['first_call_s']:>7.1f}")
   rows.append(f"device: {out['device']}; {out['steps']} local steps per client update, median of "
               f"{out['repeats']} interleaved repeats; matmul peak {out['peak_flops'] / 1e9:.1f} GFLOP/s, "
