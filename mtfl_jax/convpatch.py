@@ -7,33 +7,37 @@ every ``conv_general_dilated`` of a traced function (the forward convolutions, a
 that autodiff makes of each: the input gradient, with lhs dilation and swapped kernel
 dimensions, and the weight gradient, whose "kernel" is the output gradient) as
 
-    patches = the input's windows, stacked  (slices of the padded, dilated input)
-    out     = dot_general(patches, kernel)  (contracting input features x window)
+    patches = the input's windows, stacked  (strided slices of the padded, dilated input)
+    out     = dot_general(kernel, patches)  (contracting input features x window)
 
-The patch extraction has no weights, so vmap folds the clients into it; the weights meet the
+(im2col), or, where the output has more positions than the input (an input gradient, a
+transposed convolution), as one matmul of every input position with the whole kernel and a
+sum of shifted slices (col2im: the padding and dilation zeros never enter the matmul). The
+patch extraction has no weights, so vmap folds the clients into it; the weights meet the
 data only in ``dot_general``, which vmap turns into a *batched matmul* with the clients as
-its batch dimension.
+its batch dimension. Average pooling (``reduce_window_sum``) and its gradient become a
+reshape-sum or a sum of slices too (XLA CPU's reduce-window is slow at these sizes).
 
 How: the function is traced to a jaxpr (``jax.make_jaxpr``) and evaluated equation by
-equation; ``conv_general_dilated`` equations are replaced, every other primitive is bound as
-it was. Sub-jaxprs (``jit``, ``closed_call``, ``custom_jvp_call``, ``custom_vjp_call``,
-``checkpoint``, ``scan``, ``cond``, ``while``) that hold a convolution are evaluated by the
-same interpreter (call-like ones inlined; control flow rebuilt with ``lax.scan``,
-``lax.switch``, ``lax.while_loop``); those without one are bound unchanged. Inlining a
-custom-derivative call drops its custom rule: fine for a train step (already
-differentiated), and for a forward function the rule being dropped is that of code that
-contains a convolution, whose plain derivative is the same mathematics.
+equation; ``conv_general_dilated`` and ``reduce_window_sum`` equations are replaced, every
+other primitive is bound as it was. Sub-jaxprs (``jit``, ``closed_call``,
+``custom_jvp_call``, ``custom_vjp_call``, ``checkpoint``, ``scan``, ``cond``, ``while``) that
+hold one are evaluated by the same interpreter (call-like ones inlined, ``checkpoint``
+rebuilt; control flow rebuilt with ``lax.scan``, ``lax.switch``, ``lax.while_loop``); those
+without one are bound unchanged. Inlining a custom-derivative call drops its custom rule:
+fine for a train step (already differentiated); for a forward function, the dropped rule is
+that of code holding a convolution, whose plain derivative is the same mathematics.
 
-Not rewritten (the original primitive is bound, :func:`conv_report` says which and why):
+Not rewritten (the original primitive is bound; :func:`conv_report` says which and why):
 grouped convolutions (``feature_group_count`` or ``batch_group_count`` > 1, e.g. depthwise
-ones); convolutions of integer operands.
+ones); convolutions of integer operands; overlapping pooling windows of more than
+:data:`MAX_WINDOW_SLICES` elements.
 
-Two ways of extracting patches: ``"slices"`` (default; one strided slice per window offset
-or per output position, whichever is fewer: pure data movement) and ``"patches"``
-(``jax.lax.conv_general_dilated_patches``: a convolution with a constant 0/1 kernel, which
-XLA CPU runs as a grouped convolution doing ``prod(window)`` times the useful work, and
-which for a weight-gradient convolution, whose window is the whole feature map, is
-prohibitive; there ``"slices"`` is used whatever is asked).
+Two ways of extracting patches (``extract``): ``"slices"`` (default: strided slices, one
+spatial dimension at a time) and ``"patches"`` (``lax.conv_general_dilated_patches``: a
+convolution with a constant 0/1 kernel, grouped over the input features, so XLA CPU does
+``prod(window)`` times the useful work; kept to be measured against). A weight-gradient
+convolution, whose window is the whole feature map, always uses slices.
 
 Example::
 
