@@ -124,7 +124,9 @@ def _federate_config(args):
     cfg["tasks"] = parse_task_names(cfg["tasks"])
   if cfg.get("alpha") == 0:
     cfg["alpha"] = None  # --alpha 0: no label skew
-  cfg.setdefault("simulator", "sharded")
+  # several devices or processes: the sharded simulator; one: the fastest layout, measured once
+  several = (args.devices or 1) > 1 or args.processes > 1 or (cfg.get("devices") or 1) > 1
+  cfg.setdefault("simulator", "sharded" if several else "auto")
   if args.devices is not None and args.processes == 1:
     cfg["devices"] = args.devices
   if "num_clients" in cfg and "clients_per_round" not in cfg:
@@ -492,7 +494,8 @@ def main(argv=None) -> int:
   fe.add_argument("--time-budget", type=float, help="virtual seconds; stop before a round would end past it")
   fe.add_argument("--seed", type=int)
   fe.add_argument("--eval-every", type=int)
-  fe.add_argument("--simulator", help="sharded (default), auto, loop or vmap")
+  fe.add_argument("--simulator", help="auto (default on one device: the fastest layout, measured once), sharded "
+                  "(default with --devices or --processes), loop or vmap")
   fe.add_argument("--dropout", type=float, help="probability that a client leaves mid-round")
   fe.add_argument("--availability", help="'diurnal', or a JSON trace of each client's online windows")
   fe.add_argument("--server-optimizer", help="an optax optimizer for the server: sgd (default), adam (FedAdam), "

@@ -125,6 +125,19 @@ def save_model(model: VRModel, tasks: Sequence[str | Task], backend: str = "proc
   return write_store(store, path)
 
 
+def load_layout(key: str, path: str | Path | None = None) -> dict | None:
+  """The client layout chosen for ``key`` (a task on this device, see
+  :func:`mtfl_jax.federated.executors.choose_layout`) as stored, or None."""
+  return read_store(path).get("layouts", {}).get(key)
+
+
+def save_layout(key: str, choice: dict, path: str | Path | None = None) -> Path:
+  """Keeps a measured layout choice in the store (every other entry kept)."""
+  store = read_store(path)
+  store.setdefault("layouts", {})[key] = choice
+  return write_store(store, path)
+
+
 def load_or_calibrate(tasks: Sequence[str | Task], backend: str = "processes", path: str | Path | None = None,
                       log=print) -> tuple[VRModel, str]:
   """The mix's model from the store at ``path`` (default: this device's), else measured now

@@ -211,14 +211,14 @@ def test_reproduce_seed_out_of_range_before_any_work(tmp_path, capsys, seed):
 def test_reproduce_into_another_runs_out_refuses_before_measuring(tmp_path, capsys):
   raw = tmp_path / "r" / "raw"
   raw.mkdir(parents=True)
-  (raw / "federated.json").write_text(json.dumps({"device": "d", "repro_mode": "full", "seed": 0}))
-  before = (raw / "federated.json").read_text()
+  (raw / "evidence.json").write_text(json.dumps({"device": "d", "repro_mode": "full", "seed": 0}))
+  before = (raw / "evidence.json").read_text()
   t0 = time.perf_counter()  # the first experiment (workloads) is not measured first
   assert _cli(capsys, "reproduce", "--out", str(tmp_path / "r")) == (
-      f"{raw / 'federated.json'} holds a 'full' run with seed 0; use another --out for mode 'quick', seed 0 "
+      f"{raw / 'evidence.json'} holds a 'full' run with seed 0; use another --out for mode 'quick', seed 0 "
       "(nothing was overwritten, nor measured)")
   assert time.perf_counter() - t0 < 5
-  assert sorted(p.name for p in raw.iterdir()) == ["federated.json"] and (raw / "federated.json").read_text() == before
+  assert sorted(p.name for p in raw.iterdir()) == ["evidence.json"] and (raw / "evidence.json").read_text() == before
 
 
 # --------------------------------------------------------------------------- devices and processes

@@ -221,7 +221,7 @@ def test_sharded_aggregate_equals_the_loop_simulator_on_1_2_3_devices(on_devices
   assert {(t, d) for t, d, _ in cases} == {("digits_mlp", 1), ("digits_mlp", 2), ("digits_mlp", 3),
                                            ("mnist_lenet", 1), ("mnist_lenet", 3), ("scale_bn", 3)}
   for key, c in cases.items():
-    assert c["inner"] == ("loop" if key[0] == "mnist_lenet" else "vmap"), key
+    assert c["inner"] == ("unrolled" if key[0] == "mnist_lenet" else "vmap"), key
     assert c["fedavg"] < TOL and c["fednova"] < TOL, (key, c["fedavg"], c["fednova"])
     assert c["fednova_vs_fedavg"] > 100 * TOL, key  # FedNova's weights are not FedAvg's: both were checked
     assert c["clients"] == [0, 1, 2, 3, 4], key  # in the order given, not the sorted chunk order

@@ -2,9 +2,9 @@
 
 ``FedConfig.simulator`` names one: ``loop`` (:class:`LoopExecutor`, the reference), ``vmap``
 (:class:`BatchedExecutor` on one device), ``sharded`` (:class:`BatchedExecutor` over
-``FedConfig.devices`` devices, all processes included), ``auto`` (:class:`AutoExecutor`:
-``loop`` or ``vmap``, whichever measures faster on the first round's clients), or one you
-registered with :func:`register_executor`.
+``FedConfig.devices`` devices, all processes included), ``auto`` (:class:`AutoExecutor`: the
+fastest of the per-client loop and the batched layouts, measured once per machine and task
+and kept in the calibration store), or one you registered with :func:`register_executor`.
 """
 from __future__ import annotations
 
@@ -12,57 +12,105 @@ import time
 
 import jax
 
+from mtfl_jax.train import has_convolution
+
 from mtfl_jax.federated.executors.base import (EXECUTORS, Aggregate, ClientExecutor, all_finite, check_weights,
                                                output_names, register_executor)
 from mtfl_jax.federated.executors.batched import BatchedExecutor, client_mesh
 from mtfl_jax.federated.executors.loop import LoopExecutor
 
 
+def layout_candidates(task, platform: str, clients: int) -> list[tuple[str, int | None]]:
+  """The layouts ``auto`` measures for a task: ``("loop", None)`` is the per-client loop
+  executor; the others are :class:`BatchedExecutor` ``(inner, clients per chunk)``. On a CPU a
+  task with convolutions tries patched convolutions (which batch) beside unbatched ones; a
+  dense task tries vmap and lax.map chunks; accelerators batch with vmap."""
+  k = max(1, min(64, clients))
+  if platform != "cpu":
+    return [("loop", None), ("vmap", k), ("vmap_patch", k)] if has_convolution(task) else [("loop", None), ("vmap", k)]
+  if has_convolution(task):
+    return [("loop", None), ("unrolled", 2), ("map_patch", min(k, 25)), ("map_patch", min(k, 5)), ("vmap_patch", 2)]
+  return [("loop", None), ("vmap", k), ("map", k)]
+
+
+def choose_layout(fed_task, program, clients: int, repeats: int = 3, steps: int = 3, log=None) -> dict:
+  """Measures :func:`layout_candidates` on ``clients`` real clients of ``fed_task`` (``steps``
+  local steps each; each compiled and run once first; ``repeats`` interleaved runs, median) and
+  returns ``{"inner", "per_device", "seconds": {layout: s}}`` of the fastest."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from mtfl_jax.federated.client import ClientWork
+  from mtfl_jax.train import init_variables
+  platform = jax.devices()[0].platform
+  holders = [c for c in range(len(fed_task.shards)) if len(fed_task.shards[c])][:max(1, clients)]
+  works = [ClientWork(c, fed_task.shards[c], steps, 1000 + c) for c in holders]
+  params, model_state = init_variables(fed_task.task, 0)
+  bc = {"params": params, "model_state": model_state}
+  if program.stateful:
+    bc["control"] = jax.tree.map(jnp.zeros_like, params)
+  n = np.ones(len(works), np.float32) / len(works)
+  weights = {k: n for k in output_names(program, bc, program.new_client_state(bc) if program.stateful else None)}
+  states = [jax.tree.map(np.asarray, program.new_client_state(bc))] * len(works) if program.stateful else None
+  cands = layout_candidates(fed_task.task, platform, len(works))
+  exes = {}
+  for inner, k in cands:
+    name = inner if k is None else f"{inner}/{k}"
+    exes[name] = (LoopExecutor(fed_task, program) if inner == "loop" else
+                  BatchedExecutor(fed_task, program, client_mesh(1), inner=inner, per_device=k))
+    jax.block_until_ready(exes[name].run(bc, works, weights, states).sums)  # compiles
+  times = {name: [] for name in exes}
+  for _ in range(repeats):
+    for name, ex in exes.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(ex.run(bc, works, weights, states).sums)
+      times[name].append(time.perf_counter() - t0)
+  med = {name: float(np.median(t)) for name, t in times.items()}
+  best = min(med, key=med.get)
+  for ex in exes.values():
+    ex.close()
+  inner, _, k = best.partition("/")
+  if log:
+    log(f"  client layout of {fed_task.name}: " + ", ".join(f"{n} {1e3 * v:.1f} ms" for n, v in med.items())
+        + f" -> {best}")
+  return {"inner": inner, "per_device": int(k) if k else None, "seconds": {k_: round(v, 5) for k_, v in med.items()},
+          "clients": len(works), "steps": steps}
+
+
 class AutoExecutor(ClientExecutor):
-  """``loop`` or ``vmap``, chosen by measurement on the first round's clients and kept.
+  """The fastest layout for this task on this device, chosen by measurement once per machine,
+  task and round size (:func:`choose_layout`) and kept in the calibration store
+  (:func:`mtfl_jax.calibration.load_layout`), so later runs measure nothing: the per-client
+  loop or a batched layout. The choice is in ``choice``."""
 
-  A probe on two clients and two steps first: where the batched program loses even there
-  (convolutions on XLA CPU become slow grouped convolutions), the loop is chosen without
-  compiling the large batched program. Otherwise both run the real clients, each compiled
-  before it is timed. The choice is in ``choice`` (and the run's records)."""
-
-  def __init__(self, fed_task, program, clients_hint=None, **options):
-    self.candidates = {"loop": LoopExecutor(fed_task, program),
-                       "vmap": BatchedExecutor(fed_task, program, client_mesh(1), inner="vmap",
-                                               clients_hint=clients_hint)}
-    self.choice: str | None = None
+  def __init__(self, fed_task, program, clients_hint=None, store: bool = True, **options):
+    from mtfl_jax.calibration import load_layout, save_layout
+    from mtfl_jax.device import device_name
+    clients = 1 << max(0, int(clients_hint or 8) - 1).bit_length()  # rounds of similar size share a choice
+    key = (f"{fed_task.name}|{device_name()}|clients={clients}"
+           + ("|stateful" if program.stateful else ""))
+    choice = load_layout(key) if store else None
+    if choice is None:
+      choice = choose_layout(fed_task, program, clients)
+      if store:
+        try:
+          save_layout(key, choice)
+        except OSError:  # a read-only store: the choice holds for this run only
+          pass
+    self.choice = choice["inner"] if choice["per_device"] is None else f"{choice['inner']}/{choice['per_device']}"
+    self.inner = (LoopExecutor(fed_task, program) if choice["inner"] == "loop" else
+                  BatchedExecutor(fed_task, program, client_mesh(1), inner=choice["inner"],
+                                  per_device=choice["per_device"], clients_hint=clients))
 
   @property
   def name(self) -> str:
-    return f"auto ({self.choice or 'undecided'})"
-
-  def _timed(self, kind, args) -> float:
-    ex = self.candidates[kind]
-    jax.block_until_ready(ex.run(*args).sums)  # compiles
-    t0 = time.perf_counter()
-    jax.block_until_ready(ex.run(*args).sums)
-    return time.perf_counter() - t0
+    return f"auto ({self.choice})"
 
   def run(self, broadcast, works, weights, client_states=None) -> Aggregate:
-    if self.choice is None and works:
-      import dataclasses
-      probe = [dataclasses.replace(w, steps=min(2, w.steps)) for w in works[:2]]
-      pw = {k: v[:len(probe)] for k, v in weights.items()}
-      pcs = None if client_states is None else list(client_states)[:len(probe)]
-      if self._timed("vmap", (broadcast, probe, pw, pcs)) > self._timed("loop", (broadcast, probe, pw, pcs)):
-        self.choice = "loop"
-      else:
-        args = (broadcast, works, weights, client_states)
-        times = {k: self._timed(k, args) for k in ("loop", "vmap")}
-        self.choice = min(times, key=times.get)
-      for k in list(self.candidates):
-        if k != self.choice:
-          self.candidates.pop(k).close()
-    return self.candidates[self.choice or "loop"].run(broadcast, works, weights, client_states)
+    return self.inner.run(broadcast, works, weights, client_states)
 
   def close(self) -> None:
-    for ex in self.candidates.values():
-      ex.close()
+    self.inner.close()
 
 
 def _vmap(fed_task, program, clients_hint=None, **options):
@@ -89,5 +137,5 @@ def make_executor(name: str, fed_task, program, **options) -> ClientExecutor:
   return ex
 
 
-__all__ = ["Aggregate", "AutoExecutor", "BatchedExecutor", "ClientExecutor", "EXECUTORS", "LoopExecutor",
+__all__ = ["Aggregate", "AutoExecutor", "choose_layout", "layout_candidates", "BatchedExecutor", "ClientExecutor", "EXECUTORS", "LoopExecutor",
            "all_finite", "check_weights", "client_mesh", "make_executor", "output_names", "register_executor"]

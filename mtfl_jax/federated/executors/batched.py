@@ -38,14 +38,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtfl_jax.convpatch import patch_convs
 from mtfl_jax.federated.client import client_keys, masked, work_batch_ids
 from mtfl_jax.federated.executors.base import (Aggregate, ClientExecutor, all_finite, check_weights)
 from mtfl_jax.train import has_convolution
 
 CLIENTS = "clients"
-INNER = ("vmap", "loop")
+# How a device runs its clients of a chunk (mtfl_jax.client_layouts' names): one vmapped
+# program, the clients one after another in one program, or a lax.map over them; each with
+# the step's convolutions as patches and matmuls ("_patch": mtfl_jax.convpatch).
+INNER = ("vmap", "unrolled", "map", "vmap_patch", "unrolled_patch", "map_patch")
 # Clients per device per chunk (a cap; fewer when the first round has fewer clients).
-K_MAX = {"vmap": 64, "loop": 2}  # loop: 2 measured 10-15% faster than 1 for LeNet on CPU
+K_MAX = {"vmap": 64, "unrolled": 2, "map": 25}
 # Local steps whose batch indices go to the devices at once.
 WINDOW = 16
 
@@ -100,10 +104,13 @@ def _pow2(n: int, lo: int = 1) -> int:
 class BatchedExecutor(ClientExecutor):
   """Runs one task's clients in chunks over a ``clients`` mesh (see the module docstring).
 
-  ``inner``: how a device runs its clients of a chunk, ``"vmap"`` (one batched program: good
-  for dense models) or ``"loop"`` (one client at a time, each step a plain, unbatched program:
-  XLA CPU turns vmapped convolutions into slow grouped ones). None: on a CPU, ``loop`` for a
-  task with convolutions, else ``vmap``; on accelerators ``vmap``.
+  ``inner``: how a device runs its clients of a chunk (:data:`INNER`): ``"vmap"`` (one batched
+  program: good for dense models), ``"unrolled"`` (one client after another in one program,
+  each step a plain, unbatched program: XLA CPU turns vmapped convolutions into slow grouped
+  ones), ``"map"`` (``lax.map`` over the clients), each optionally ``_patch``ed (convolutions
+  as patches and matmuls, which batch). None: on a CPU, ``unrolled`` for a task with
+  convolutions, else ``vmap``; on accelerators ``vmap``. ``simulator="auto"`` chooses by
+  measurement (:func:`mtfl_jax.calibration.load_or_choose_layout`).
   ``per_device``: cap on clients per device per chunk (memory grows with it). ``unroll``:
   local steps per dispatched program (unrolled; masked past a client's last step).
   ``clients_hint``: the usual number of clients per round, which fixes the chunk size (else
@@ -118,10 +125,12 @@ class BatchedExecutor(ClientExecutor):
       raise ValueError(f"unroll must be 1, 2, 4, 8 or 16 (it divides the {WINDOW}-step window), got {unroll!r}")
     self.unroll = unroll
     cpu = self.mesh.devices.flat[0].platform == "cpu"
-    self.inner = inner or ("loop" if cpu and has_convolution(fed_task.task) else "vmap")
+    self.inner = inner or ("unrolled" if cpu and has_convolution(fed_task.task) else "vmap")
     if self.inner not in INNER:
       raise ValueError(f"unknown inner mode {self.inner!r}; valid: {', '.join(INNER)}")
-    self.k_max = int(per_device or K_MAX[self.inner])
+    self.kind, _, patch = self.inner.partition("_")
+    self.patch = bool(patch)
+    self.k_max = int(per_device or K_MAX[self.kind])
     if self.k_max < 1:
       raise ValueError(f"per_device must be >= 1, got {per_device!r}")
     self.devices = self.mesh.devices.size
@@ -160,8 +169,7 @@ class BatchedExecutor(ClientExecutor):
     return self._sm(body, (P(), P(CLIENTS), P(CLIENTS)), P(CLIENTS))
 
   def _build_step(self, k):
-    step = masked(self.program.step)
-    vmap = self.inner == "vmap"
+    step = masked(patch_convs(self.program.step) if self.patch else self.program.step)
 
     def one(carry, x, y, ids, active, s):
       b = jax.lax.dynamic_index_in_dim(ids, s, keepdims=False)
@@ -174,8 +182,10 @@ class BatchedExecutor(ClientExecutor):
       return carry
 
     def body(carries, x, y, ids, active, s):
-      if vmap:
+      if self.kind == "vmap":
         return jax.vmap(steps, in_axes=(0, None, None, 0, 0, None))(carries, x, y, ids, active, s)
+      if self.kind == "map":
+        return jax.lax.map(lambda a: steps(a[0], x, y, a[1], a[2], s), (carries, ids, active))
       outs = [steps(jax.tree.map(lambda a: a[i], carries), x, y, ids[i], active[i], s) for i in range(k)]
       return jax.tree.map(lambda *a: jnp.stack(a), *outs)
     return self._sm(body, (P(CLIENTS), P(), P(), P(CLIENTS), P(CLIENTS), P()), P(CLIENTS), donate=(0,))
