@@ -2,6 +2,7 @@
 of the sequential round (same seeds, same batches)."""
 import math
 import os
+import signal
 import time
 
 import jax
@@ -132,11 +133,14 @@ def _children():
   return [p for p in multiprocessing.active_children() if p.name.startswith("mtfl-worker")]
 
 
-@pytest.mark.parametrize("fault,match", [("crash", "died \\(exit code 3\\)"), ("hang", "did not answer")])
+@pytest.mark.parametrize("fault,match", [(signal.SIGKILL, "died \\(exit code -9\\)"),
+                                         (signal.SIGSTOP, "did not answer")])
 def test_failed_worker_is_named_and_reaped(fault, match):
+  # a worker killed (as the OOM killer would) or stopped (a hang) from outside: no test hook
   jobs = [Job("digits_mlp", 5), Job("mnist_lenet", 3)]
-  r = open_backend("processes", jobs, timeout_s=8, _faults={"digits_mlp": fault})
+  r = open_backend("processes", jobs, timeout_s=8)
   pids = [p.pid for p in r.procs.values()]
+  os.kill(r.procs["digits_mlp"].pid, fault)
   t0 = time.perf_counter()
   with pytest.raises(WorkerError, match=f"worker for task 'digits_mlp' {match}"):
     r.run()

@@ -30,8 +30,7 @@ the sequential baseline under the same per-task limits.
 
 Workers that crash or do not answer within ``timeout_s`` are reported by task name (with
 the end of their stderr; an exception raised in a worker arrives with its traceback) and all
-workers are reaped: no hang, no orphan process. (Tests make a worker crash or hang on purpose
-with the runner's private ``_faults`` argument.)
+workers are reaped: no hang, no orphan process.
 """
 from __future__ import annotations
 
@@ -69,7 +68,6 @@ _WORKER_CMD = (f"import os; c = os.environ.pop('{_START_CORES_ENV}', ''); "
                "c and os.sched_setaffinity(0, [int(x) for x in c.split(',')]); "
                "from mtfl_jax.backends.processes import _serve; _serve()")
 # For tests of failure handling only: "crash" or "hang" makes the worker fail at its next run.
-_FAULT_ENV = "MTFL_TEST_WORKER_FAULT"
 
 
 def _serve():
@@ -127,11 +125,6 @@ def _worker_main(conn):
         conn.send(("solo", step_s, busy_threads(before, thread_cpu_s(), time.perf_counter() - t0)))
       elif msg[0] == "run":
         _, start_at, params, return_params, every = msg
-        fault = os.environ.get(_FAULT_ENV)
-        if fault == "crash":
-          os._exit(3)
-        if fault == "hang":
-          time.sleep(1e9)
         state = init_state(job.task, job.seed, params)  # params: this job's own (the parent picked them)
         jax.block_until_ready(state)
         while time.perf_counter() < start_at:
@@ -279,18 +272,12 @@ class ProcessesRunner(Runner):
 
   def __init__(self, jobs, timeout_s: float = 600.0, start_timeout_s: float = 600.0,
                platform: str | None = None, use_mps: bool = True, compute_threads: int | None = None,
-               worker_env: Mapping[str, str] | None = None, _faults: Mapping[str, str] | None = None):
+               worker_env: Mapping[str, str] | None = None):
     """``compute_threads``: CPU only, each worker's compute threads (None: XLA's default, one per
-    core); ``worker_env``: extra environment of the workers (e.g. ``XLA_FLAGS``).
-    ``_faults`` (tests only): ``{task: "crash" | "hang"}`` makes that task's worker fail when it
-    is asked to run."""
+    core); ``worker_env``: extra environment of the workers (e.g. ``XLA_FLAGS``)."""
     timeout_s = check_seconds("timeout_s", timeout_s, self.name)
     start_timeout_s = check_seconds("start_timeout_s", start_timeout_s, self.name)
     super().__init__(jobs)
-    bad = {n: f for n, f in (_faults or {}).items() if f not in ("crash", "hang")}
-    if bad:
-      raise ValueError(f"_faults must map tasks to 'crash' or 'hang', got {bad}")
-    self._faults = dict(_faults or {})
     import jax
     self.platform = platform or jax.default_backend()
     self.timeout_s = timeout_s  # a run or a solo measurement
@@ -321,7 +308,7 @@ class ProcessesRunner(Runner):
     self._place({j.name: 1.0 for j in self.jobs})  # every core: a capped worker keeps its cap
     self.solo_step_s, self.solo_threads = {}, {}
     for job in self.jobs:  # one at a time: solo means alone on the device
-      self.workers[job.name].conn.send(("solo",))
+      self._send(job.name, ("solo",))
       _, self.solo_step_s[job.name], self.solo_threads[job.name] = self._recv(job.name, "solo")
 
   # -- worker management
@@ -329,7 +316,6 @@ class ProcessesRunner(Runner):
     t0 = time.perf_counter()
     self.close()
     env = dict(os.environ)
-    env.pop(_FAULT_ENV, None)  # only a fault asked for below reaches a worker
     env.pop(_START_CORES_ENV, None)
     env["JAX_PLATFORMS"] = self.platform if self.platform != "gpu" else "cuda"
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
@@ -343,8 +329,7 @@ class ProcessesRunner(Runner):
           env[_START_CORES_ENV] = ",".join(str(self.cores[(i * k + j) % len(self.cores)]) for j in range(k))
         if self.use_mps:
           env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, min(100, round(100 * shares[job.name]))))
-        fault = {_FAULT_ENV: self._faults[job.name]} if job.name in self._faults else {}
-        self.workers[job.name] = _Worker(self.job_bytes[job.name], {**env, **fault})
+        self.workers[job.name] = _Worker(self.job_bytes[job.name], env)
     except BaseException:
       self.close()  # no worker outlives a failed start
       raise
@@ -364,6 +349,19 @@ class ProcessesRunner(Runner):
     raise WorkerError(f"worker for task '{name}' {why}; all workers were stopped"
                       + (f"\n--- the worker's stderr (end) ---\n{tail}" if tail else ""))
 
+  def _send(self, name: str, msg) -> None:
+    """Sends ``msg`` to a task's worker; a worker that is gone (killed, crashed) is reported
+    as such, with its exit code and stderr, and every worker is stopped."""
+    w = self.workers[name]
+    try:
+      w.conn.send(msg)
+    except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+      try:
+        w.proc.wait(timeout=5)
+      except subprocess.TimeoutExpired:
+        pass
+      self._fail(name, f"died (exit code {w.proc.returncode})", stderr=True)
+
   def _recv(self, name: str, kind: str, deadline: float | None = None):
     deadline = deadline or time.perf_counter() + self.timeout_s
     w = self.workers[name]
@@ -376,8 +374,9 @@ class ProcessesRunner(Runner):
       if w.conn in ready:
         try:
           msg = w.conn.recv()
-        except EOFError:
+        except (EOFError, ConnectionResetError):  # gone: its exit code is read below
           msg = None
+          w.proc.wait(timeout=5)
         if msg is not None and msg[0] == "error":
           self._fail(name, f"raised {msg[1]}\n--- worker traceback ---\n{msg[2]}")
         if msg is not None:
@@ -403,7 +402,7 @@ class ProcessesRunner(Runner):
     start_at = time.perf_counter() + 0.05 + 0.002 * len(self.jobs)
     for job in self.jobs:
       p = None if params is None else params.get(job.name)
-      self.workers[job.name].conn.send(("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
+      self._send(job.name, ("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
     deadline = time.perf_counter() + self.timeout_s
     stamps, out = {}, {}
     for job in self.jobs:
@@ -425,7 +424,7 @@ class ProcessesRunner(Runner):
     for job in self.jobs:
       p = None if params is None else params.get(job.name)
       start_at = time.perf_counter() + 0.02
-      self.workers[job.name].conn.send(("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
+      self._send(job.name, ("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
       _, own, out[job.name] = self._recv(job.name, "run")
       stamps[job.name] = np.asarray(own, float) + offset
       finish[job.name] = offset = float(np.nanmax(stamps[job.name]))
