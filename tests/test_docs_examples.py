@@ -3,7 +3,6 @@ docs/fl_tools.md, in order, each page in a namespace of its own (later blocks us
 ones defined, as a reader would), in a temporary folder. A block whose first line is
 ``# not run in tests`` (it needs a network or a GPU) is skipped. What the examples register
 (tasks, policies, executors) is unregistered afterwards."""
-import importlib.util
 import re
 from pathlib import Path
 
