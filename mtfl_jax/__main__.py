@@ -73,20 +73,36 @@ def _import_user_code(args) -> None:
 
   from mtfl_jax.tasks import Task, parse_task_names, register_task
 
-  def load(mod: str):
+  def load(mod: str, flag: str):
     try:
       return importlib.import_module(mod)
     except ImportError as e:
-      raise ValueError(f"--import {mod}: cannot import it ({e}); check the module name and that its folder is on "
+      missing = getattr(e, "name", None)
+      if missing and missing != mod and not mod.startswith(missing + "."):  # found, but what it imports is not
+        raise ValueError(f"{flag}: module {mod!r} imports {missing!r}, which cannot be imported ({e}); install it "
+                         "or fix the module") from None
+      raise ValueError(f"{flag}: cannot import module {mod!r} ({e}); check the module name and that its folder is on "
                        "PYTHONPATH (or run from that folder)") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while it ran: say where, in one line
+      import traceback
+      where = next((f"{f.filename}:{f.lineno}" for f in reversed(traceback.extract_tb(e.__traceback__))
+                    if "importlib" not in f.filename), "")
+      if isinstance(e, SyntaxError) and e.filename:
+        where = f"{e.filename}:{e.lineno}"
+      msg = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())[:300]
+      raise ValueError(f"{flag}: importing module {mod!r} failed with {type(e).__name__}: {msg}"
+                       f"{f' (at {where})' if where else ''}; fix the module") from None
   for mod in args.imports or ():
-    load(mod)
+    load(mod, f"--import {mod}")
   if args.tasks:
     names = []
     for spec in parse_task_names(args.tasks):
       if ":" in spec:
         mod, attr = spec.split(":", 1)
-        task = getattr(load(mod), attr, None)
+        if not mod.strip() or not attr.strip():
+          raise ValueError(f"--tasks {spec}: give a task of your own as module:attribute, e.g. mytasks:my_task (the "
+                           "module's Task value my_task)")
+        task = getattr(load(mod, f"--tasks {spec}"), attr, None)
         if not isinstance(task, Task):
           raise ValueError(f"--tasks {spec}: {mod}.{attr} is {'missing' if task is None else type(task).__name__}, "
                            "not a mtfl_jax Task")
@@ -108,7 +124,7 @@ def _federate_config(args):
                      '{"tasks": ["digits_mlp"], "rounds": 20}')
     if not isinstance(base, dict):
       raise ValueError(f"{args.config}: a config file must hold a JSON object of FedConfig fields")
-    unknown = set(base) - set(FedConfig.__dataclass_fields__) - {"task_defs"}
+    unknown = set(base) - (set(FedConfig.__dataclass_fields__) - {"task_defs"})
     if unknown:
       raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}; valid: "
                        f"{', '.join(f for f in FedConfig.__dataclass_fields__ if f != 'task_defs')}")
@@ -124,6 +140,9 @@ def _federate_config(args):
     cfg["tasks"] = parse_task_names(cfg["tasks"])
   if cfg.get("alpha") == 0:
     cfg["alpha"] = None  # --alpha 0: no label skew
+  if cfg.get("partition") == "natural" and args.alpha is not None:
+    raise ValueError(f"--alpha {args.alpha:g} does not apply to partition 'natural', where each client holds its own "
+                     "data: leave --alpha out")
   # several devices or processes: the sharded simulator; one: the fastest layout, measured once
   several = (args.devices or 1) > 1 or args.processes > 1 or (cfg.get("devices") or 1) > 1
   cfg.setdefault("simulator", "sharded" if several else "auto")
@@ -226,6 +245,7 @@ def _launch(args, cfg) -> int:
   if args.devices_per_process is None and devices is not None and devices % args.processes:  # the config's
     raise ValueError(f"the config file's \"devices\": {devices} does not split evenly over --processes "
                      f"{args.processes}; give a multiple of the process count (or --devices-per-process)")
+  _check_federation(cfg)  # the data and settings, before the clock is calibrated and processes start
   drop = {"--processes", "--devices-per-process", "--devices"}
   keep, skip = [], False
   for a in args.argv:
@@ -254,6 +274,11 @@ def _federate(args):
   _check_run_flags(args)
   cfg = _federate_config(args)
   check_writable(args.workdir, "--workdir", directory=True)
+  if args.log_dir:
+    if args.seeds is not None:
+      raise ValueError("--log-dir streams the metrics of one run; with --seeds leave it out (each seed's run is kept "
+                       "in WORKDIR/seed<k>/ and summary.json sums them up)")
+    check_writable(args.log_dir, "--log-dir", directory=True)
   if args.seeds is not None:
     return _federate_seeds(args, cfg)
   _check_resumable(cfg, Path(args.workdir))
@@ -263,6 +288,7 @@ def _federate(args):
 
   from mtfl_jax.federated import MetricsWriter, Outputs, run_federated
   main = jax.process_index() == 0
+  fed = _check_federation(cfg)  # the data and settings, before the clock is calibrated (minutes)
   if main:
     print(f"federate: {', '.join(cfg.tasks)}; {cfg.clients_per_round} of {cfg.num_clients} clients per round, "
           f"{cfg.rounds} round(s), policy {cfg.policy}, simulator {cfg.simulator} on {len(jax.devices())} "
@@ -270,12 +296,26 @@ def _federate(args):
   model = _vr_model(cfg, Path(args.workdir)) if main and jax.process_count() == 1 else None
   outputs = Outputs(args.workdir)
   callbacks = [outputs] + ([MetricsWriter(args.log_dir)] if args.log_dir else [])
-  res = run_federated(cfg, model=model, workdir=args.workdir, progress=main, callbacks=callbacks)
+  res = run_federated(cfg, model=model, workdir=args.workdir, progress=main, callbacks=callbacks, fed=fed)
   if main:
     acc = ", ".join(f"{t} {a:.3f}" for t, a in res.final_accuracy().items())
     print(f"done: {len(res.history)} round(s), {res.virtual_time_s:.1f} virtual s, final accuracy {acc}; "
           f"wrote {', '.join(str(p) for p in outputs.paths.values())}")
   return 0
+
+
+def _check_federation(cfg, seeds=None):
+  """What ``run_federated`` checks first, done before the clock is calibrated: the server
+  optimizer, and that the data can be split over the clients and evaluated (for each seed of a
+  sweep: the partition is seeded). Returns the federation (of the config's seed)."""
+  import dataclasses
+
+  from mtfl_jax.federated import build_federation
+  from mtfl_jax.federated.algorithms import check_server_optimizer
+  check_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_kwargs)
+  for s in seeds or ():
+    build_federation(dataclasses.replace(cfg, seed=s))
+  return build_federation(cfg)
 
 
 def _federate_seeds(args, cfg) -> int:
@@ -289,9 +329,13 @@ def _federate_seeds(args, cfg) -> int:
     raise ValueError("--seeds runs each seed in a process of its own; leave out --processes/--process-id")
   if args.seed is not None:
     raise ValueError("--seed and --seeds: give one of them")
+  if cfg.devices is not None:
+    given = "--devices" if args.devices is not None else "the config file's \"devices\""
+    raise ValueError(f"--seeds runs each seed in a process of its own, on one core and one device: leave out {given}")
   workdir = Path(args.workdir)
   for s in seeds:
     _check_resumable(dataclasses.replace(cfg, seed=s), workdir / f"seed{s}")
+  _check_federation(cfg, seeds)
   model = _vr_model(cfg, workdir)
   sweep = run_seeds(cfg, seeds, workdir, model, imports=args.imports or ())
   doc = {k: v for k, v in sweep.items() if k != "runs"}
@@ -353,8 +397,8 @@ def _interrupted(args) -> str:
     return (f"interrupted: no results written{' to ' + args.json if args.json else ''} (the benchmark writes "
             f"them when it ends){kept}; rerun the same command")
   if args.cmd == "federate":
-    return (f"interrupted: the checkpoints of finished rounds are kept in {Path(args.workdir) / 'checkpoints'}; "
-            "rerun the same command to resume")
+    where = Path(args.workdir) / ("seed<k>/checkpoints" if args.seeds is not None else "checkpoints")
+    return f"interrupted: the checkpoints of finished rounds are kept in {where}; rerun the same command to resume"
   if args.cmd == "download":
     from mtfl_jax.data import default_data_dir
     where = Path(args.data_dir or default_data_dir()) / "downloads"

@@ -265,7 +265,7 @@ def test_fleet_trace_ok(tmp_path):
     (dict(speed_sigma=float("inf")), "speed_sigma must be a finite number >= 0"),
     (dict(client_timeout_s=0), r"client_timeout_s must be a finite number > 0 \(virtual seconds\) or None"),
     (dict(rounds=2.0), "rounds must be an integer >= 1, got 2.0"),
-    (dict(seed=-1), "seed must be between 0 and 2\\*\\*32 - 1 \\(4294967295\\), an integer, got -1"),
+    (dict(seed=-1), r"seed must be between 0 and 2\*\*32 - 1 \(4294967295\), an integer, got -1"),
     (dict(eval_every=0), "eval_every must be an integer >= 1"),
     (dict(presence=0.0), r"presence must be a finite number > 0 and <= 1"),
     (dict(alpha=float("inf")), "alpha must be a finite number > 0"),

@@ -200,3 +200,27 @@ def server_optimizer(name_or_tx, lr: float = 1.0, kwargs=None) -> optax.Gradient
   if isinstance(name_or_tx, str):
     return getattr(optax, name_or_tx)(learning_rate=lr, **dict(kwargs or {}))
   return name_or_tx
+
+
+def check_server_optimizer(name_or_tx, lr: float = 1.0, kwargs=None) -> None:
+  """Two server steps on a small model, before a run starts: a server optimizer that fails on
+  its settings (``server_kwargs={"b1": "x"}``) or steps to NaN or inf (``server_lr=1e300``, a
+  NaN momentum) is a one-line ``ValueError`` naming them, not a failure rounds later."""
+  what = (f"server_optimizer {name_or_tx!r} with server_lr={lr!r} and server_kwargs={dict(kwargs or {})!r}"
+          if isinstance(name_or_tx, str) else "the server optimizer given (an optax transformation)")
+  params = {"w": jnp.zeros((3,), jnp.float32)}
+  grads = {"w": jnp.asarray([0.5, -1.0, 1e-3], jnp.float32)}
+  try:
+    tx = server_optimizer(name_or_tx, lr, kwargs)
+    state = tx.init(params)
+    for _ in range(2):
+      upd, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, upd)
+    ok = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+  except Exception as e:  # noqa: BLE001 - any failure here is the optimizer's settings
+    detail = " ".join(str(e).split())[:300]
+    raise ValueError(f"bad federated config: {what} fails on a server step ({type(e).__name__}: {detail}); check "
+                     "its arguments (server_kwargs, --server-optimizer)") from None
+  if not ok:
+    raise ValueError(f"bad federated config: {what} steps the model to NaN or inf on a unit update; lower server_lr "
+                     "(--server-lr) or fix server_kwargs")

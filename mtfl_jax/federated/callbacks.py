@@ -22,6 +22,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import re
 import sys
 import time
@@ -63,6 +64,10 @@ def evaluate_tasks(run, state) -> dict:
   return out
 
 
+# Evaluations on the virtual-time grid (``eval_every_s``) a run may hold.
+MAX_GRID_EVALUATIONS = 100_000
+
+
 class Evaluate(Callback):
   """Test metrics of the global models: in the history row every ``every`` rounds (and after
   the last), and with ``every_s``, on a grid of virtual time: at each ``g = every_s, 2
@@ -73,16 +78,30 @@ class Evaluate(Callback):
   def __init__(self, every: int = 1, every_s: float | None = None):
     self.every, self.every_s = every, every_s
 
+  def check_grid(self, run, end_s: float) -> None:
+    """Refuses a grid that would hold more than ``MAX_GRID_EVALUATIONS`` evaluations by virtual
+    second ``end_s`` (checked before each round trains, and before the run starts)."""
+    if not self.every_s:
+      return
+    n = math.floor(end_s / self.every_s + 1e-9)
+    if n > MAX_GRID_EVALUATIONS:
+      raise ValueError(f"bad federated config: eval_every_s={self.every_s!r} would put {n:,} evaluations on the "
+                       f"grid by virtual second {end_s:.6g}, where round {len(run.history)} ends (at most "
+                       f"{MAX_GRID_EVALUATIONS:,}); give eval_every_s >= {end_s / MAX_GRID_EVALUATIONS:.3g}, or "
+                       "eval_every (rounds) instead")
+
   def _grid_until(self, run, end_s: float, inclusive: bool):
     if not self.every_s:
       return
+    self.check_grid(run, end_s)
     done = len(run.evaluations)
+    metrics = None  # every grid point up to end_s holds the same model: evaluated once
     while True:
       g = (done + 1) * self.every_s
       if g > end_s + 1e-9 or (not inclusive and g >= end_s - 1e-12):
         return
-      run.evaluations.append({"virtual_time_s": round(g, 9), "rounds": len(run.history),
-                              "metrics": evaluate_tasks(run, run.state)})
+      metrics = evaluate_tasks(run, run.state) if metrics is None else metrics
+      run.evaluations.append({"virtual_time_s": round(g, 9), "rounds": len(run.history), "metrics": dict(metrics)})
       done += 1
 
   def before_round(self, run, rnd, round_time_s):
@@ -148,7 +167,8 @@ class MetricsWriter(Callback):
   def on_run_start(self, run):
     if jax.process_index() != 0:
       return
-    self.dir.mkdir(parents=True, exist_ok=True)
+    from mtfl_jax.files import check_writable
+    check_writable(self.dir, "MetricsWriter log_dir", directory=True)  # before the run writes its own files
     if self.tensorboard:
       try:
         from tensorboardX import SummaryWriter
@@ -307,9 +327,13 @@ class Checkpoint(Callback):
     mgr, skipped = self.mgr, []
     host = jax.tree.map(np.asarray, template)
     for step in sorted(mgr.all_steps(), reverse=True):
-      try:
-        meta = mgr.item_metadata(step)
-        saved_state = meta["state"] if meta is not None and "state" in meta else None
+      try:  # the saved arrays' shapes (the manager's own item_metadata has no handler to read them)
+        reader = ocp.StandardCheckpointHandler()
+        try:
+          meta = reader.metadata(Path(mgr.directory, str(step), "state"))
+        finally:
+          reader.close()
+        saved_state = getattr(meta, "tree", meta)
       except Exception:  # noqa: BLE001 - unreadable metadata: the restore below says why
         saved_state = None
       if saved_state is not None:
@@ -374,6 +398,8 @@ class Checkpoint(Callback):
   # -- the run
   def on_run_start(self, run):
     if jax.process_index() == 0:
+      if not (self.workdir / "clock.json").exists():  # a resumed run keeps the clock it started with
+        write_json(self.workdir / "clock.json", run.clock.inputs_json())
       write_json(self.workdir / "config.json", run.cfg.to_json())
     if self.mgr is None:
       self.mgr = self._manager(create=True)
@@ -395,8 +421,14 @@ class Checkpoint(Callback):
            if vs}
     if old:
       items["versions"] = ocp.args.StandardSave(old)
-    self.mgr.save(len(run.history), args=ocp.args.Composite(**items))
-    self.mgr.wait_until_finished()
+    try:
+      self.mgr.save(len(run.history), args=ocp.args.Composite(**items))
+      self.mgr.wait_until_finished()
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the unfinished save's temporary folder goes
+      import shutil
+      for tmp in Path(self.mgr.directory).glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+      raise
 
   def on_run_end(self, run):
     if self.mgr is not None:

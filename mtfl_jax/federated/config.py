@@ -17,13 +17,23 @@ from typing import Any, Mapping
 import numpy as np
 import optax
 
+from mtfl_jax.federated.callbacks import MAX_GRID_EVALUATIONS
 from mtfl_jax.federated.executors import EXECUTORS
 from mtfl_jax.federated.plan import AGGREGATORS, POLICIES
-from mtfl_jax.fleet import BANDWIDTH_SIGMA, SPEED_SIGMA
+from mtfl_jax.fleet import BANDWIDTH_SIGMA, SPEED_SIGMA, Availability, Fleet
 from mtfl_jax.tasks import Task, get_task, parse_task_names, task_names
 
 ALGORITHMS = ("fedavg", "scaffold")
 PARTITIONS = ("skew", "natural")
+# The settings that tune some of the built-in policies: given with another built-in policy,
+# which would ignore them, they are refused (a policy of your own may read any setting).
+POLICY_SETTINGS = {"deadline_quantile": ("deadline", "full"), "max_work_scale": ("full",), "extend": ("full",),
+                   "overselect": ("overselect",), "buffer_size": ("fedbuff",), "concurrency": ("fedbuff",),
+                   "staleness_exponent": ("fedbuff",), "max_staleness": ("fedbuff",)}
+BUILTIN_POLICIES = tuple(POLICIES)  # imported before any user policy can be registered
+# A lognormal sigma of 10 already spreads devices (or shards) over a factor of about 1e17;
+# larger ones overflow to infinite speeds or sizes.
+MAX_SIGMA = 10.0
 # The server optimizers known by name (any optax factory taking learning_rate works too).
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi", "adagrad", "adamw", "rmsprop", "lamb", "lion", "novograd")
 
@@ -40,8 +50,10 @@ class FedConfig:
   Groups of settings:
 
   * federation: ``num_clients``, ``clients_per_round``, ``partition`` ("skew": Dirichlet label
-    skew ``alpha`` (None: none) and lognormal quantity skew ``quantity_sigma``; "natural": each
-    dataset's own client ids, ``Dataset.from_arrays(..., client_ids=...)``), ``presence``;
+    skew ``alpha``, or with ``alpha=None`` lognormal quantity skew ``quantity_sigma``, which
+    label skew leaves unused; "natural": each dataset's own client ids,
+    ``Dataset.from_arrays(..., client_ids=...)``, with no skew of ours: ``alpha`` is unused),
+    ``presence``;
   * local training: ``local_epochs``, ``prox_mu`` (FedProx's proximal term; None: FedAvg),
     ``algorithm`` ("fedavg", or "scaffold": control variates, Karimireddy et al., 2020);
   * server: ``server_optimizer`` (an optax factory by name, e.g. "sgd" with ``server_kwargs``
@@ -49,7 +61,8 @@ class FedConfig:
     or an optax transformation), ``server_lr``, ``aggregator`` (None: the policy's);
   * policy: ``policy``, ``deadline_quantile``, ``max_work_scale`` and ``extend`` (``full``),
     ``overselect`` (``overselect``), ``buffer_size``, ``concurrency``, ``staleness_exponent``,
-    ``max_staleness`` (``fedbuff``);
+    ``max_staleness`` (``fedbuff``); given with a built-in policy that does not use them, they
+    are refused;
   * devices: ``speed_sigma``, ``bandwidth_sigma`` (lognormal fleet), ``trace`` (a JSON fleet
     trace, or "venn": the Venn device table), ``availability`` (None: always online;
     "diurnal"; or a JSON trace of online windows) with ``online_fraction`` and
@@ -109,6 +122,9 @@ class FedConfig:
 
   def __post_init__(self):
     known = {t.name: t for t in self.task_defs if isinstance(t, Task)}
+    if not isinstance(self.tasks, (str, Task, tuple, list)):
+      raise ValueError(f"bad federated config: tasks must be task names and Task values (a tuple or list, or one "
+                       f"name), e.g. tasks=('digits_mlp', my_task); got {type(self.tasks).__name__} {self.tasks!r}")
     raw = (parse_task_names(self.tasks) if isinstance(self.tasks, str)
            else (self.tasks,) if isinstance(self.tasks, Task) else tuple(self.tasks))
     defs = []
@@ -125,7 +141,16 @@ class FedConfig:
                            "or pass your own Task") from None
     object.__setattr__(self, "task_defs", tuple(defs))
     object.__setattr__(self, "tasks", tuple(t.name for t in defs))
+    if self.server_kwargs is not None and not isinstance(self.server_kwargs, Mapping):
+      raise ValueError(f"bad federated config: server_kwargs must be a dict of the server optimizer's keyword "
+                       f"arguments, e.g. {{'momentum': 0.9}}; got {self.server_kwargs!r}")
     object.__setattr__(self, "server_kwargs", dict(self.server_kwargs or {}))
+    for f in dataclasses.fields(self):  # numpy numbers as Python's: they go into config.json as numbers
+      v = getattr(self, f.name)
+      if isinstance(v, np.generic):
+        object.__setattr__(self, f.name, v.item())
+      elif f.name == "presence" and isinstance(v, Mapping):
+        object.__setattr__(self, f.name, {k: x.item() if isinstance(x, np.generic) else x for k, x in v.items()})
     check_config(self)
 
   @property
@@ -196,7 +221,15 @@ def check_config(cfg: FedConfig) -> None:
                                     and math.isfinite(cfg.alpha) and cfg.alpha > 0):
     bad(f"Dirichlet alpha must be a finite number > 0 (or None for no label skew), got {cfg.alpha!r}")
   number("quantity_sigma", 0, lo_open=False)
-  if not isinstance(cfg.presence, Mapping):  # a per-task mapping is checked by assign_tasks
+  if isinstance(cfg.presence, Mapping):
+    if set(cfg.presence) != set(cfg.tasks):
+      bad(f"presence gives probabilities for {sorted(map(str, cfg.presence))} but the tasks are {list(cfg.tasks)}: "
+          f"give one per task, e.g. {dict.fromkeys(cfg.tasks, 0.5)}, or one number for all")
+    for t, v in cfg.presence.items():
+      if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v)
+          or not 0 < v <= 1):
+        bad(f"presence of task '{t}' must be a finite number > 0 and <= 1, got {v!r}")
+  else:
     number("presence", 0, hi=1)
   choice("policy", tuple(POLICIES))
   number("deadline_quantile", 0, hi=1)
@@ -253,3 +286,71 @@ def check_config(cfg: FedConfig) -> None:
     bad(f"dropout must be below 1 (the probability that a client leaves mid-round), got {cfg.dropout!r}")
   number("client_timeout_s", 0, none_ok=True, extra=" (virtual seconds) or None")
   number("time_budget_s", 0, none_ok=True, extra=" (or None)")
+  for name in ("speed_sigma", "bandwidth_sigma", "quantity_sigma"):
+    if getattr(cfg, name) > MAX_SIGMA:
+      bad(f"{name}={getattr(cfg, name)!r} is too large: a lognormal sigma must be <= {MAX_SIGMA:g} (10 already spreads "
+          "values over a factor of about 1e17)")
+  if cfg.algorithm == "scaffold":
+    for t in cfg.task_defs:
+      if t.learning_rate is None:
+        bad(f"algorithm 'scaffold' needs tasks trained by (momentum) SGD, Task(learning_rate=..., momentum=...); "
+            f"task '{t.name}' has an optimizer of its own: use algorithm 'fedavg' (--algorithm fedavg) or give the "
+            "task a learning_rate instead of an optimizer")
+  if cfg.eval_every_s is not None and cfg.time_budget_s is not None:
+    n = cfg.time_budget_s / cfg.eval_every_s
+    if n > MAX_GRID_EVALUATIONS:
+      bad(f"eval_every_s={cfg.eval_every_s!r} puts {n:.3g} evaluations on the grid up to time_budget_s="
+          f"{cfg.time_budget_s!r} (at most {MAX_GRID_EVALUATIONS:,}); give eval_every_s >= "
+          f"{cfg.time_budget_s / MAX_GRID_EVALUATIONS:.3g}")
+  _check_unused(cfg, bad)
+  _check_trace_files(cfg, bad)
+
+
+def _check_unused(cfg: FedConfig, bad) -> None:
+  """Settings given (other than their defaults) that this config would silently ignore."""
+  defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+
+  def unused(name, why):
+    if getattr(cfg, name) != defaults[name]:
+      bad(f"{name}={getattr(cfg, name)!r} {why}")
+  if cfg.policy in BUILTIN_POLICIES:
+    for name, users in POLICY_SETTINGS.items():
+      if cfg.policy not in users:
+        unused(name, f"is used only by policy {' and '.join(map(repr, users))}, and the policy is {cfg.policy!r}: "
+               f"leave it out, or set policy (--policy {users[0]})")
+  if POLICIES[cfg.policy].asynchronous:
+    unused("client_timeout_s", f"applies to synchronous rounds, and policy {cfg.policy!r} has none: leave it out")
+    m = cfg.concurrency or cfg.clients_per_round
+    k = cfg.buffer_size or max(1, cfg.clients_per_round // 2)
+    if k > m:
+      bad(f"buffer_size={k}{' (the default: half of clients_per_round)' if cfg.buffer_size is None else ''} is more "
+          f"than the clients that train at once, concurrency={m}"
+          f"{' (the default: clients_per_round)' if cfg.concurrency is None else ''}: a server step would wait for "
+          f"clients' second updates; give buffer_size <= {m}, or a concurrency up to num_clients ({cfg.num_clients})")
+  if cfg.partition == "natural":
+    for name in ("presence", "quantity_sigma"):
+      unused(name, "does not apply to partition='natural', where each client holds its own data: leave it out")
+  if cfg.trace is not None:
+    unused("speed_sigma", f"is the lognormal fleet's, and trace={str(cfg.trace)!r} gives the devices' speeds: leave it "
+           "out (or trace=None)")
+    if cfg.trace != "venn":
+      unused("bandwidth_sigma", f"is the lognormal fleet's, and the fleet trace {str(cfg.trace)!r} gives the "
+             "bandwidths: leave it out (or trace=None)")
+  if cfg.availability != "diurnal":
+    for name in ("online_fraction", "availability_period_s"):
+      unused(name, f"is used only by availability='diurnal' (--availability diurnal), and availability is "
+             f"{None if cfg.availability is None else str(cfg.availability)!r}: leave it out")
+
+
+def _check_trace_files(cfg: FedConfig, bad) -> None:
+  """A fleet or availability trace given as a file is read now (it must describe every client)."""
+  for name, named, what, read in (
+      ("trace", "venn", "a JSON fleet trace", Fleet.from_trace),
+      ("availability", "diurnal", "a JSON trace of online windows", Availability.from_trace)):
+    v = getattr(cfg, name)
+    if v is None or v == named:
+      continue
+    if str(v) == "" or not Path(v).exists():
+      bad(f"{name} {str(v)!r} is neither {named!r} nor an existing file: give {name}={named!r} (--{name} {named}) or "
+          f"the path of {what}")
+    read(Path(v), cfg.num_clients)

@@ -100,6 +100,16 @@ def _check_data(cfg: FedConfig, datasets: Mapping[str, Dataset]) -> None:
     except ValueError as e:
       raise _bad(str(e)) from None
   if cfg.partition == "natural":
+    ids = {t: getattr(ds, "client_ids", None) for t, ds in datasets.items()}
+    for t, v in ids.items():
+      if v is None:
+        raise _bad(f"partition='natural' but task '{t}'s dataset '{datasets[t].name}' has no client ids; give them as "
+                   f"Dataset.from_arrays(..., client_ids=ids), one per training sample")
+    held = max(int(np.max(v)) + 1 for v in ids.values())
+    if cfg.num_clients > held:  # checked before any split: a huge num_clients would allocate per client
+      raise _bad(f"partition='natural': num_clients={cfg.num_clients} must be the number of clients in your data, "
+                 f"{held} (its client ids run 0..{held - 1}; clients {held}.. would hold no sample): use num_clients "
+                 f"(--clients) = {held}")
     return
   sizes = {t: len(ds.y_train) for t, ds in datasets.items()}
   if cfg.num_clients > sum(sizes.values()):
@@ -109,11 +119,7 @@ def _check_data(cfg: FedConfig, datasets: Mapping[str, Dataset]) -> None:
 
 
 def _natural_shards(cfg: FedConfig, ft_name: str, ds: Dataset) -> list[np.ndarray]:
-  ids = getattr(ds, "client_ids", None)
-  if ids is None:
-    raise _bad(f"partition='natural' but task '{ft_name}'s dataset '{ds.name}' has no client ids; give them as "
-               f"Dataset.from_arrays(..., client_ids=ids), one per training sample")
-  ids = np.asarray(ids)
+  ids = np.asarray(ds.client_ids)  # present: checked by _check_data
   if int(ids.max()) >= cfg.num_clients:
     raise _bad(f"partition='natural': task '{ft_name}'s data has client ids up to {int(ids.max())} but num_clients="
                f"{cfg.num_clients}; use num_clients (--clients) = the number of clients in your data")
@@ -161,8 +167,11 @@ def build_federation(cfg: FedConfig) -> Federation:
       if len(clients) > len(ds.y_train):
         raise _bad(f"task '{t}' has {len(ds.y_train)} training samples, fewer than the {len(clients)} clients that "
                    f"hold it: use fewer clients (num_clients, --clients) or a lower presence (--presence)")
-      parts = skewed_partition(ds.y_train, len(clients), alpha=cfg.alpha, quantity_sigma=cfg.quantity_sigma,
-                               seed=cfg.seed + 101 * (i + 1))
+      try:
+        parts = skewed_partition(ds.y_train, len(clients), alpha=cfg.alpha, quantity_sigma=cfg.quantity_sigma,
+                                 seed=cfg.seed + 101 * (i + 1))
+      except ValueError as e:  # e.g. Dirichlet skew too strong for this many clients
+        raise _bad(f"task '{t}' cannot be split over its {len(clients)} clients: {e} (--alpha, --clients)") from None
       per_client = [np.zeros(0, np.int64) for _ in range(cfg.num_clients)]
       for c, idx in zip(clients, parts):
         per_client[c] = idx

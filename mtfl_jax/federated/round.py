@@ -129,9 +129,14 @@ def run_clients(rt: TaskRuntime, model, works, weights, where: str):
   agg = rt.executor.run(bc, works, weights, rt.states_of([w.client for w in works], bc))
   bad = agg.first_bad_client()
   if bad is not None:
+    import jax
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(model.params)):
+      raise NonFiniteUpdate(f"task '{rt.name}', {where}: the global model is not finite (NaN/inf): the server "
+                            "optimizer's step diverged. Lower server_lr (--server-lr) or use another server_optimizer; "
+                            "the run stopped and its last good checkpoint is kept.")
     raise NonFiniteUpdate(f"task '{rt.name}', {where}, client {bad}: the local update is not finite (NaN/inf "
-                          "loss). Lower the task's learning rate; the run stopped and its last good checkpoint is "
-                          "kept.")
+                          "loss). Lower the task's learning rate (or prox_mu, --prox-mu, when it is set); the run "
+                          "stopped and its last good checkpoint is kept.")
   if agg.client_states is not None:
     rt.client_states.update(zip(agg.clients, agg.client_states))
   return agg

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtfl_jax.clock import Clock, MixCorrections, inputs_from_json, inputs_json
-from mtfl_jax.federated.algorithms import ServerState, make_algorithm, server_optimizer
+from mtfl_jax.federated.algorithms import ServerState, check_server_optimizer, make_algorithm, server_optimizer
 from mtfl_jax.federated.callbacks import Callback, Checkpoint, Evaluate, Progress
 from mtfl_jax.federated.client import ClientWork, client_seed
 from mtfl_jax.federated.config import FedConfig
@@ -36,7 +37,7 @@ from mtfl_jax.federated.executors import Aggregate
 from mtfl_jax.federated.plan import check_plan, client_plan
 from mtfl_jax.federated.round import TaskRuntime, apply_failures, round_step, run_clients, sample_clients
 from mtfl_jax.fleet import dropout_draw
-from mtfl_jax.files import read_json, write_json
+from mtfl_jax.files import check_writable, read_json, reading
 from mtfl_jax.train import init_variables
 from mtfl_jax.vresource import VRModel
 
@@ -102,6 +103,7 @@ class Run:
   stopped_by_budget: bool = False
   asynchronous: dict | None = None  # fedbuff: the server steps applied per task
   versions: dict = dataclasses.field(default_factory=dict)  # fedbuff: task -> {version: model}
+  ended: str | None = None  # why the run ended before its rounds (budget, nobody online, ...)
 
   def async_state(self):
     return self.asynchronous
@@ -149,8 +151,10 @@ def _clock_inputs(cfg, fed, model, corrections, workdir: Path | None, log) -> tu
   machine (process 0; the others receive its)."""
   saved = workdir / "clock.json" if workdir is not None else None
   if saved is not None and saved.exists():
-    vr, corr = inputs_from_json(read_json(saved, "the run's clock", "delete it (and checkpoints/) to start over, "
-                                          "or use another workdir", fields=("vr_model",)))
+    remedy = "delete it (and checkpoints/) to start over, or use another workdir"
+    doc = read_json(saved, "the run's clock", remedy, fields=("vr_model",))
+    with reading(f"the run's clock {saved}", remedy):
+      vr, corr = inputs_from_json(doc)
     started = (workdir / "config.json").exists()
     if not started and not set(cfg.tasks) <= set(vr.solo_step_s):  # left by a launch that never started
       saved = None
@@ -209,42 +213,51 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
   log = print if progress and main else (lambda m: None)
   if server_optimizer is not None:
     cfg = dataclasses.replace(cfg, server_optimizer=server_optimizer)
+  # Everything is checked before anything is written: the settings and the workdir, the data,
+  # the workdir's run, the clock, and that a first round (or server step) can run at all.
+  check_server_optimizer(cfg.server_optimizer, cfg.server_lr, cfg.server_kwargs)
+  workdir = None if workdir is None else Path(workdir)
+  if workdir is not None and main:
+    check_writable(workdir, "workdir", directory=True)
   fed = build_federation(cfg) if fed is None else fed.with_config(cfg)
   runtimes = make_runtimes(cfg, fed, executor_options=executor_options)
-  state, history, evaluations, async_done, restored_versions = init_server(cfg, runtimes), [], [], None, {}
-  builtins: list[Callback] = []
-  last: list[Callback] = []  # the checkpoint saves each row after every other callback saw it
-  workdir = None if workdir is None else Path(workdir)
-  if workdir is not None:
-    ckpt = Checkpoint(workdir)
-    restored = ckpt.open(cfg, state, log)  # refuses another run before anything is written
-    _same_round_everywhere(0 if restored is None else len(restored["history"]), workdir)
-    if restored is not None:
-      state, history, evaluations = restored["state"], restored["history"], restored["evaluations"]
-      async_done, restored_versions = restored["async"], restored["versions"]
-      for rt in runtimes:
-        rt.client_states.update(restored["client_states"].get(rt.name, {}))
-      log(f"mtfl_jax: resuming {workdir} after round {len(history)} of {cfg.rounds}")
-    last.append(ckpt)
-  vr, corrections = _clock_inputs(cfg, fed, model, corrections, workdir, log)
-  missing = set(cfg.tasks) - set(vr.solo_step_s)
-  if missing:
-    raise ValueError(f"the virtual-resource model knows no task {sorted(missing)}; calibrate it on {cfg.tasks}")
-  if workdir is not None and main and not (workdir / "clock.json").exists():
-    write_json(workdir / "clock.json", inputs_json(vr, corrections))
-  clock = Clock(vr, fed.fleet.speed, fed.fleet.bandwidth, fed.model_bytes, corrections)
-  builtins.append(Evaluate(cfg.eval_every, cfg.eval_every_s))
-  if progress and main:
-    builtins.append(Progress())
-  run = Run(cfg, fed, clock, runtimes, state, history, evaluations, log, t_start,
-            history[-1]["virtual_time_s"] if history else 0.0, asynchronous=async_done,
-            versions=restored_versions)
-  cbs = builtins + list(callbacks) + last
-  for cb in cbs:
-    cb.on_run_start(run)
   try:
+    state, history, evaluations, async_done, restored_versions = init_server(cfg, runtimes), [], [], None, {}
+    builtins: list[Callback] = []
+    last: list[Callback] = []  # the checkpoint saves each row after every other callback saw it
+    if workdir is not None:
+      ckpt = Checkpoint(workdir)
+      restored = ckpt.open(cfg, state, log)  # refuses another run before anything is written
+      _same_round_everywhere(0 if restored is None else len(restored["history"]), workdir)
+      if restored is not None:
+        state, history, evaluations = restored["state"], restored["history"], restored["evaluations"]
+        async_done, restored_versions = restored["async"], restored["versions"]
+        for rt in runtimes:
+          rt.client_states.update(restored["client_states"].get(rt.name, {}))
+        log(f"mtfl_jax: resuming {workdir} after round {len(history)} of {cfg.rounds}")
+      last.append(ckpt)  # it writes the clock (clock.json) and config when the run starts
+    vr, corrections = _clock_inputs(cfg, fed, model, corrections, workdir, log)
+    missing = set(cfg.tasks) - set(vr.solo_step_s)
+    if missing:
+      raise ValueError(f"the virtual-resource model knows no task {sorted(missing)}; calibrate it on {cfg.tasks}")
+    clock = Clock(vr, fed.fleet.speed, fed.fleet.bandwidth, fed.model_bytes, corrections)
+    evaluate = Evaluate(cfg.eval_every, cfg.eval_every_s)
+    builtins.append(evaluate)
+    if progress and main:
+      builtins.append(Progress())
+    run = Run(cfg, fed, clock, runtimes, state, history, evaluations, log, t_start,
+              history[-1]["virtual_time_s"] if history else 0.0, asynchronous=async_done,
+              versions=restored_versions)
     steps = fedbuff_steps(run) if cfg.policy_value.asynchronous else sync_rounds(run)
-    for rnd, round_time, apply in steps:
+    first = next(steps, None)  # planned only: nothing has trained or been written yet
+    if first is None and not history:
+      raise ValueError(f"bad federated config: {run.ended or 'no round can run'}")
+    if first is not None:
+      evaluate.check_grid(run, run.virtual_time_s + first[1])
+    cbs = builtins + list(callbacks) + last
+    for cb in cbs:
+      cb.on_run_start(run)
+    for rnd, round_time, apply in itertools.chain([first], steps) if first is not None else ():
       for cb in cbs:
         cb.before_round(run, rnd, round_time)
       run.state, row = apply()
@@ -256,6 +269,8 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
         stop = bool(cb.after_round(run, row)) or stop
       if stop:
         break
+    if run.ended and history and not run.stopped_by_budget:
+      log(f"mtfl_jax: the run ends: {run.ended}")
     for cb in cbs:
       cb.on_run_end(run)
   finally:
@@ -281,11 +296,15 @@ def sync_rounds(run: Run) -> Iterator:
     if not sampled:  # nobody online: the round waits for the next client to come online
       wait = min(av.next_online(c, run.virtual_time_s) for c in range(cfg.num_clients)) - run.virtual_time_s
       if not np.isfinite(wait):
-        run.log("mtfl_jax: no client will come online again; the run ends")
+        run.ended = (f"no client is online at virtual second {run.virtual_time_s:.6g} or later (availability="
+                     f"{str(cfg.availability)!r}), so round {rnd} cannot run; check the availability trace")
         return
     round_time = plan.round_time_s + wait
     if cfg.time_budget_s is not None and run.virtual_time_s + round_time > cfg.time_budget_s + 1e-9:
       run.stopped_by_budget = True
+      run.ended = (f"round {rnd} would end at virtual second {run.virtual_time_s + round_time:.6g}, past "
+                   f"time_budget_s={cfg.time_budget_s!r}; give time_budget_s >= {run.virtual_time_s + round_time:.6g} "
+                   "(--time-budget) for it to run")
       return
     yield rnd, round_time, (lambda plan=plan, rnd=rnd, wait=wait: _apply(run, plan, rnd, wait))
 
@@ -313,7 +332,13 @@ class Arrival:
   dropped: bool = False
 
 
-def fedbuff_schedule(cfg: FedConfig, fed: Federation, clock: Clock) -> Iterator[tuple[str, float, list, list]]:
+# Consecutive client updates lost (dropout, offline before finishing) after which a FedBuff
+# schedule ends: no server step could come (the chance of this many in a row at dropout 0.99 is 1e-44).
+MAX_LOST_UPDATES = 10_000
+
+
+def fedbuff_schedule(cfg: FedConfig, fed: Federation, clock: Clock,
+                     until_s: float | None = None) -> Iterator[tuple[str, float, list, list]]:
   """Buffered asynchronous aggregation (FedBuff, Nguyen et al., 2022) on the virtual clock.
 
   ``concurrency`` clients train at once, each from the task versions current when it
@@ -324,7 +349,9 @@ def fedbuff_schedule(cfg: FedConfig, fed: Federation, clock: Clock) -> Iterator[
   ``(task, time, arrivals, staleness, oldest)``, ``oldest``: per task the oldest version a
   pending update started from (older versions can be freed). The schedule depends on the
   clock and seeds only, never on training results, so it is the same whenever it is
-  replayed (resume)."""
+  replayed (resume). It ends (returning why, as ``(reason, value)``) past ``until_s``
+  (``("budget", t)``), when no client will come online again (``("offline", t)``), or after
+  :data:`MAX_LOST_UPDATES` updates in a row were lost (``("lost", t)``)."""
   m = cfg.concurrency or cfg.clients_per_round
   k = cfg.buffer_size or max(1, cfg.clients_per_round // 2)
   av = fed.fleet.availability
@@ -362,20 +389,28 @@ def fedbuff_schedule(cfg: FedConfig, fed: Federation, clock: Clock) -> Iterator[
     if c is None:
       break
     start(c, t)
+  lost = 0
   while heap or av is not None:
     if not heap:  # nobody online: wait for the next client to come online
       nxt = min(av.next_online(c, t) for c in range(cfg.num_clients) if c not in busy)
       if not np.isfinite(nxt):
-        return
+        return "offline", t
+      if until_s is not None and nxt > until_s + 1e-9:
+        return "budget", nxt
       t = nxt
       c = pick(t)
       if c is not None:
         start(c, t)
       continue
     t, _, a = heapq.heappop(heap)
+    if until_s is not None and t > until_s + 1e-9:  # any server step from now on would come later
+      return "budget", t
     busy.discard(a.client)
+    lost = lost + 1 if a.dropped else 0
+    if lost >= MAX_LOST_UPDATES:
+      return "lost", t
     if not a.dropped:
-      for ft in fed.tasks:
+      for j, ft in enumerate(fed.tasks):
         if a.workloads[ft.name] <= 0:
           continue
         buffers[ft.name].append(a)
@@ -384,8 +419,12 @@ def fedbuff_schedule(cfg: FedConfig, fed: Federation, clock: Clock) -> Iterator[
           staleness = [versions[ft.name] - x.base[ft.name] for x in arrivals]
           buffers[ft.name] = []
           versions[ft.name] += 1
-          pending = [x for _, _, x in heap] + [x for b in buffers.values() for x in b]
-          oldest = {n: min([x.base[n] for x in pending if x.workloads[n] > 0], default=v) for n, v in versions.items()}
+          # Pending: updates still training or buffered, and this arrival for the tasks after
+          # this one (it joins their buffers next): the versions they started from are kept.
+          pending = [(x, None) for _, _, x in heap] + [(x, None) for b in buffers.values() for x in b]
+          pending.append((a, {n.name for n in fed.tasks[j + 1:]}))
+          oldest = {n: min([x.base[n] for x, only in pending if x.workloads[n] > 0 and (only is None or n in only)],
+                           default=v) for n, v in versions.items()}
           yield ft.name, t, arrivals, staleness, oldest
     while len(busy) < m:
       c = pick(t)
@@ -408,7 +447,13 @@ def fedbuff_steps(run: Run) -> Iterator:
   run.versions = versions
   seen = {t: 0 for t in done}
   last_t = run.virtual_time_s
-  for task, t, arrivals, staleness, oldest in fedbuff_schedule(cfg, fed, run.clock):
+  schedule = fedbuff_schedule(cfg, fed, run.clock, cfg.time_budget_s)
+  while True:
+    try:
+      task, t, arrivals, staleness, oldest = next(schedule)
+    except StopIteration as end:
+      run.ended = _fedbuff_end(run, *end.value) if end.value else None
+      return
     if seen[task] < done[task]:  # replaying what a resumed run had applied
       seen[task] += 1
       continue
@@ -419,11 +464,37 @@ def fedbuff_steps(run: Run) -> Iterator:
       return
     if done[task] >= cfg.rounds:
       continue
+    if any(seen[x] < done[x] for x in done):  # a step the earlier run skipped: its task had reached its rounds
+      raise ValueError(f"this FedBuff run cannot go on to rounds={cfg.rounds}: its task '{task}' had finished its "
+                       f"{done[task]} server steps while the other tasks went on, so the server steps it skipped then "
+                       "were not applied and the model versions they start from were not kept; rerun it with "
+                       f"rounds={done[task]}, or use another workdir for a longer run (nothing was changed)")
     seen[task] += 1
     rnd = len(run.history)
     dt, last_t = t - last_t, t
     yield rnd, dt, (lambda task=task, t=t, arrivals=arrivals, staleness=staleness, rnd=rnd, oldest=oldest:
                     _apply_buffer(run, by_name[task], versions, task, t, arrivals, staleness, rnd, oldest))
+
+
+def _fedbuff_end(run: Run, reason: str, t: float) -> str:
+  """Why a FedBuff schedule ended, for the run's log (or its error, when no step ran)."""
+  cfg = run.cfg
+  if reason == "budget":
+    run.stopped_by_budget = True
+    if any(run.asynchronous["steps"].values()):
+      return f"the time budget (time_budget_s={cfg.time_budget_s!r}) is spent"
+    first = next(fedbuff_schedule(cfg, run.fed, run.clock), None)
+    at = f"at virtual second {first[1]:.6g}" if first is not None else "within the budget"
+    return (f"time_budget_s={cfg.time_budget_s!r} ends before FedBuff's first server step ({at}, once buffer_size "
+            f"updates of a task have arrived); give a larger time_budget_s (--time-budget)")
+  if reason == "offline":
+    return (f"no client is online at virtual second {t:.6g} or later (availability={str(cfg.availability)!r}), so no "
+            "more updates can arrive; check the availability trace")
+  why = [f"dropout={cfg.dropout!r}"] if cfg.dropout else []
+  if cfg.availability is not None:
+    why.append(f"clients going offline before they finish: availability={str(cfg.availability)!r}")
+  return (f"the last {MAX_LOST_UPDATES:,} client updates were all lost before they arrived ({'; '.join(why)}), so no "
+          "server step can come; lower the dropout (--dropout) or give clients longer online windows")
 
 
 def _apply_buffer(run: Run, rt: TaskRuntime, versions: dict, task: str, t: float, arrivals, staleness, rnd: int,

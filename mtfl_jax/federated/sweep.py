@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from mtfl_jax import stats
 from mtfl_jax.federated.config import FedConfig
 
@@ -71,7 +73,26 @@ def _run_one(cfg_json: dict, seed: int, workdir: str | None, model_json: dict | 
   return {"seed": seed, **run_summary(res), "history": res.history, "evaluations": res.evaluations}
 
 
-def _pin(cores, counter):
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+  procs = list((getattr(pool, "_processes", None) or {}).values())  # Python >= 3.14: pool.terminate_workers()
+  pool.shutdown(wait=False, cancel_futures=True)
+  for p in procs:
+    p.terminate()
+  for p in procs:
+    p.join(10)
+    if p.is_alive():
+      p.kill()
+      p.join()
+
+
+def _start_worker(cores, counter, parent: int):
+  """A worker's start: it ends with the sweep (even one killed outright), leaves Ctrl-C to the
+  sweep (which stops the workers), and is pinned to a core of its own."""
+  import signal
+
+  from mtfl_jax.distributed import die_with_parent
+  die_with_parent(parent)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   with counter.get_lock():
     i = counter.value
     counter.value += 1
@@ -97,6 +118,13 @@ def run_seeds(cfg: FedConfig, seeds: Sequence[int], workdir: str | Path | None =
   from mtfl_jax.clock import inputs_json
   from mtfl_jax.tasks import ALL_TASKS
   seeds = list(seeds)
+  if (not seeds or len(set(seeds)) != len(seeds)
+      or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= 2**32 - 1 for s in seeds)):
+    raise ValueError(f"run_seeds: seeds must be distinct integers between 0 and 2**32 - 1 (at least one), got "
+                     f"{seeds!r}; e.g. seeds=range(5)")
+  if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    raise ValueError(f"run_seeds: workers must be an integer >= 1 (processes) or None (one per free core), got "
+                     f"{workers!r}")
   portable = bool(imports) or all(name in ALL_TASKS for name in cfg.tasks)
   cores = sorted(os.sched_getaffinity(0))
   workers = workers or min(len(cores), len(seeds))
@@ -116,10 +144,16 @@ def run_seeds(cfg: FedConfig, seeds: Sequence[int], workdir: str | Path | None =
   else:
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pin, initargs=(cores, ctx.Value("i", 0))) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_start_worker,
+                               initargs=(cores, ctx.Value("i", 0), os.getpid()))
+    try:
       futs = [pool.submit(_run_one, cfg_json, s, d, model_json, tuple(imports)) for s, d in zip(seeds, dirs)]
       runs = []
       for s, f in zip(seeds, futs):
         runs.append(f.result())
         log(f"  seed {s}: {runs[-1]['final_accuracy']}")
+    except BaseException:  # a failed seed, Ctrl-C or SIGTERM: the other seeds' workers are stopped, not awaited
+      _stop_workers(pool)
+      raise
+    pool.shutdown()
   return {"config": cfg_json, "seeds": seeds, "runs": runs, "summary": summarize_seeds(runs)}
