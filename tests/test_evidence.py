@@ -48,7 +48,9 @@ def test_the_json_holds_what_a_referee_checks(tiny):
     assert set(v["plateau"]) == set(main["targets"])
     assert "median" in v["work_beyond_nominal_s"]
   assert main["best_baseline"] in ev.BASELINES
-  assert doc["sweep"] and doc["sweep"][0]["tuned"] == main["tuned"]  # the sweep reuses the main choices
+  sweep_tuned = dict(doc["sweep"][0]["tuned"])
+  assert sweep_tuned.pop("from") == main["name"] and sweep_tuned == main["tuned"]  # the sweep reuses the main choices
+  assert doc["complete"]
 
 
 def test_every_number_recomputes_from_the_kept_runs(tiny):

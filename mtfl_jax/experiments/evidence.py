@@ -70,6 +70,8 @@ class Scenario:
   local_epochs: float = 1.0
   calibration_rounds: int = 80
   heterogeneity: str = ""  # its label in the heterogeneity figure
+  tune: bool = True  # tune the baselines and choose full's variant here (else: the first scenario's choices)
+  ablations: bool = False  # run every full variant side by side
 
   def fed_fields(self) -> dict:
     return {k: getattr(self, k) for k in ("tasks", "num_clients", "clients_per_round", "alpha", "presence",
@@ -104,7 +106,7 @@ class EvidenceConfig:
   buffer_fractions: tuple = (0.2, 0.5, 1.0)  # fedbuff buffer sizes, as fractions of clients_per_round
   grid: int = 40
   workers: int = 2
-  ablations: bool = True  # every full variant on the main scenarios
+  ablations: bool = True  # every full variant where a scenario asks for them
   clock_backend: str = "processes"  # where each mix's virtual-resource model is calibrated (first use)
 
 
@@ -114,15 +116,16 @@ MIX3 = ("digits_mlp", "mnist_lenet", "shapes_unet")
 
 def config(mode: str) -> EvidenceConfig:
   if mode == "full":
-    main = (Scenario("mlp+cnn", MIX2, heterogeneity="lognormal 0.5"),
-            Scenario("mlp+cnn+unet", MIX3, presence=0.7, heterogeneity="lognormal 0.5"),
-            Scenario("mlp+cnn venn", MIX2, trace="venn", heterogeneity="Venn devices"))
-    sweep = tuple(Scenario(f"mlp+cnn sigma {s:g}", MIX2, speed_sigma=s, bandwidth_sigma=s,
+    main = (Scenario("mlp+cnn", MIX2, heterogeneity="lognormal 0.5", ablations=True),
+            Scenario("mlp+cnn venn", MIX2, trace="venn", heterogeneity="Venn devices"),
+            Scenario("mlp+cnn+unet", MIX3, presence=0.7, heterogeneity="lognormal 0.5", tune=False,
+                     calibration_rounds=40))
+    sweep = tuple(Scenario(f"mlp+cnn sigma {s:g}", MIX2, speed_sigma=s, bandwidth_sigma=s, tune=False,
                            heterogeneity=f"lognormal {s:g}") for s in (0.25, 1.0))
     return EvidenceConfig("full", main, sweep, seeds=(0, 1, 2, 3, 4), calibration_seeds=(1000, 1001))
   if mode == "quick":  # a smoke run of every code path: not evidence
     main = (Scenario("mlp+cnn", MIX2, num_clients=10, clients_per_round=5, calibration_rounds=25,
-                     heterogeneity="lognormal 0.5"),)
+                     heterogeneity="lognormal 0.5"),)  # no ablations: a smoke run
     return EvidenceConfig("quick", main, (), seeds=(0, 1), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
                           buffer_fractions=(0.4, 1.0), grid=20, ablations=False)
   if mode == "gpu":  # the GPU recording's reduced evidence, on the GPU's own clock (a few minutes there)
@@ -131,9 +134,9 @@ def config(mode: str) -> EvidenceConfig:
                           buffer_fractions=(0.5,), grid=30, workers=1, ablations=False)
   if mode == "tiny":  # tests: seconds
     main = (Scenario("tiny", ("digits_mlp",), num_clients=6, clients_per_round=3, calibration_rounds=6,
-                     heterogeneity="lognormal 0.5"),)
+                     heterogeneity="lognormal 0.5", ablations=True),)
     sweep = (Scenario("tiny sigma 1", ("digits_mlp",), num_clients=6, clients_per_round=3, calibration_rounds=6,
-                      speed_sigma=1.0, bandwidth_sigma=1.0, heterogeneity="lognormal 1"),)
+                      speed_sigma=1.0, bandwidth_sigma=1.0, heterogeneity="lognormal 1", tune=False),)
     return EvidenceConfig("tiny", main, sweep, seeds=(0, 1), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
                           buffer_fractions=(0.5, 1.0), grid=8, workers=1, ablations=True)
   raise ValueError(f"unknown evidence mode {mode!r}; valid: quick, full, gpu, tiny")
@@ -387,11 +390,11 @@ def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=p
         clock = inputs_json(model, corrections)
         cal = _calibration_none(rec, out, sc, ec, clock)
         log(f"  targets {cal['targets']}, horizon {cal['horizon_s']:.1f} virtual s")
-        if group == "main":
+        if sc.tune or not scenarios:
           tuned = tune(rec, out, sc, ec, clock, cal)
-        else:  # the sweep reuses the main scenario's choices (tuned on calibration seeds there)
-          tuned = scenarios[0]["tuned"]
-        variants = policies_of(tuned, ec.ablations and group == "main")
+        else:  # the first scenario's choices (tuned on the calibration seeds there)
+          tuned = {**scenarios[0]["tuned"], "from": scenarios[0]["name"]}
+        variants = policies_of(tuned, ec.ablations and sc.ablations)
         grid_s = cal["horizon_s"] / ec.grid
         runs = {}
         for v in variants:
@@ -404,26 +407,33 @@ def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=p
         best = _best_baseline(rec, out, sc, ec, clock, cal, tuned)
         doc = summarize_scenario(sc, cal, tuned, runs, ec.seeds, best, out)
         (scenarios if group == "main" else sweep).append(doc)
+        # what is done so far, readable while the rest records (complete: False)
+        write_json(out / "evidence.json", _document(ec, scenarios, sweep, t0, device_name(), complete=False))
   finally:
     rec.close()
-  result = {"device": device_name(), "mode": ec.mode, "seeds": list(ec.seeds),
-            "calibration_seeds": list(ec.calibration_seeds),
-            "targets": {s["name"]: s["targets"] for s in scenarios + sweep},
-            "definitions": {
-                "tta": f"virtual seconds until the mean of a task's last {HOLD} evaluations on the grid is >= its target",
-                "tta_set": "the latest of the tasks' TTAs (None: a task never reached its target)",
-                "target": f"{TARGET_FRACTION} x the plateau of none on the calibration seeds",
-                "plateau": f"mean of a run's last {PLATEAU_EVALS} evaluations (calibration: last "
-                           f"{2 * PLATEAU_EVALS} per-round evaluations)",
-                "ratio_vs_none": "paired per seed: none's task-set TTA / the policy's (above 1: faster); median and "
-                                 "95% bootstrap interval over seeds; 'inf': none never got there, 0: the policy never did",
-                "ratio_vs_best_baseline": "the same against the baseline with the best median task-set TTA on the "
-                                          "calibration seeds",
-                "work_beyond_nominal_s": "training work (solo-seconds) beyond the clients' nominal epochs: never a gain",
-                "fl_throughput": "work per virtual second: a diagnostic, not a result"},
-            "scenarios": scenarios, "sweep": sweep, "wall_s": round(time.perf_counter() - t0, 1)}
+  result = _document(ec, scenarios, sweep, t0, device_name(), complete=True)
   write_json(out / "evidence.json", result)
   return result
+
+
+def _document(ec: EvidenceConfig, scenarios: list, sweep: list, t0: float, device: str, complete: bool) -> dict:
+  return {"device": device, "mode": ec.mode, "complete": complete, "seeds": list(ec.seeds),
+          "calibration_seeds": list(ec.calibration_seeds),
+          "targets": {s["name"]: s["targets"] for s in scenarios + sweep},
+          "definitions": {
+              "tta": f"virtual seconds until the mean of a task's last {HOLD} evaluations on the grid is >= its target",
+              "tta_set": "the latest of the tasks' TTAs (None: a task never reached its target)",
+              "target": f"{TARGET_FRACTION} x the plateau of none on the calibration seeds",
+              "plateau": f"mean of a run's last {PLATEAU_EVALS} evaluations (calibration: last "
+                         f"{2 * PLATEAU_EVALS} per-round evaluations)",
+              "ratio_vs_none": "paired per seed: none's task-set TTA / the policy's (above 1: faster); median "
+                               "and 95% bootstrap interval over seeds; 'inf': none never got there, 0: the policy "
+                               "never did",
+              "ratio_vs_best_baseline": "the same against the baseline with the best median task-set TTA on the "
+                                        "calibration seeds",
+              "work_beyond_nominal_s": "training work (solo-seconds) beyond the clients' nominal epochs: never a gain",
+              "fl_throughput": "work per virtual second: a diagnostic, not a result"},
+          "scenarios": scenarios, "sweep": sweep, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def _best_baseline(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, clock: dict, cal: dict,
