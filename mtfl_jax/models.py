@@ -75,21 +75,31 @@ class ResNet(nn.Module):
 
 
 class UNet(nn.Module):
-  """Small U-Net (Ronneberger et al., 2015): per-pixel class logits of the input's size."""
+  """Small U-Net (Ronneberger et al., 2015): per-pixel class logits of the input's size.
+
+  Every 3x3 convolution is followed by GroupNorm, as in :class:`ResNet`. Without it the
+  deep path (the pooled levels, whose receptive field covers a whole shape) starts with
+  activations several times smaller than the shallow skip path and gets far smaller
+  relative gradients, so training first settles on what the skip path alone can tell,
+  foreground from background by brightness, and only tells the shape classes apart
+  epochs later (many federated rounds); normalised, every level learns from the start.
+  """
   widths: Sequence[int] = (16, 32, 64)
   num_classes: int = 4
 
   @nn.compact
   def __call__(self, x):
+    def conv(width, x):
+      x = nn.Conv(width, (3, 3), use_bias=False)(x)
+      return nn.relu(nn.GroupNorm(num_groups=min(8, width))(x))
+
     skips = []
     for w in self.widths[:-1]:
-      x = nn.relu(nn.Conv(w, (3, 3))(x))
-      x = nn.relu(nn.Conv(w, (3, 3))(x))
+      x = conv(w, conv(w, x))
       skips.append(x)
       x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.relu(nn.Conv(self.widths[-1], (3, 3))(x))
+    x = conv(self.widths[-1], x)
     for w, skip in zip(reversed(self.widths[:-1]), reversed(skips)):
       x = nn.ConvTranspose(w, (2, 2), (2, 2))(x)
-      x = jnp.concatenate([x, skip], axis=-1)
-      x = nn.relu(nn.Conv(w, (3, 3))(x))
+      x = conv(w, jnp.concatenate([x, skip], axis=-1))
     return nn.Conv(self.num_classes, (1, 1))(x)
