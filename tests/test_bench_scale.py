@@ -13,11 +13,12 @@ def test_scale_benchmark_tiny_point(tmp_path):
   out = bench_scale(configs=[(1, 1), (2, 1)], work=[("digits_mlp", 8)], rounds=1, repeats=1, json_path=path,
                     log=lines.append)
   assert json.loads(path.read_text())["points"] == json.loads(json.dumps(out["points"]))
-  assert {(p["devices"], p["processes"]) for p in out["points"]} == {(1, 1), (2, 1)}
+  assert {(p["devices"], p["processes"], p["executor_kind"]) for p in out["points"]} == {
+      (1, 1, "loop"), (1, 1, "batched"), (2, 1, "batched")}  # the loop at the same task and clients
   for p in out["points"]:
     assert "error" not in p, p
     for key in ("devices", "processes", "clients", "task", "client_updates_per_s", "first_round_s",
-                "compiles_after_first_round", "peak_rss_mb", "max_abs_diff", "rel_diff"):
+                "compiles_after_first_round", "peak_rss_mb", "max_abs_diff", "rel_diff", "executor", "mfu"):
       assert p[key] is not None, key
     assert p["task"] == "digits_mlp" and p["clients"] == 8 and p["rounds_steady"] == 1
     assert p["client_updates_per_s"] > 0 and p["first_round_s"] > 0 and p["peak_rss_mb"] > 50
@@ -25,6 +26,9 @@ def test_scale_benchmark_tiny_point(tmp_path):
     # reduce, the clients' keys), later rounds nothing
     assert p["compiles_after_first_round"] == 0 and p["compiles_first_round"] >= 5
     assert p["max_abs_diff"] < 1e-5 and p["rel_diff"] < 1e-5  # against the loop executor
+    # MFU recomputed from the point's own numbers: step FLOPs x steps per round / round seconds / peak
+    assert p["mfu"] == pytest.approx(p["flops_per_step"] * p["local_steps"] / p["round_s"] / out["peak_flops"],
+                                     rel=1e-3)
   assert out["targets"]["aggregate_equal"]["met"] and out["targets"]["no_recompiles"]["met"]
   table = "\n".join(lines)
   assert "updates/s" in table and "\ndigits_mlp         8    2    1" in table

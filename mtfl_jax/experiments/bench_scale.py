@@ -58,7 +58,8 @@ import numpy as np
 SEED = 0
 ALPHA = 0.5
 SHARD_CLIENTS = 100  # the training set is repeated ceil(clients / SHARD_CLIENTS) times
-TARGETS = {"speedup_2x": 1.6, "mlp_1000_round_s": 10.0, "rel_diff": 1e-5, "memory_ratio_1000_vs_100": 2.0}
+TARGETS = {"speedup_2x": 1.6, "mlp_1000_round_s": 10.0, "rel_diff": 1e-5, "memory_ratio_1000_vs_100": 2.0,
+           "lenet_batched_vs_loop": 4.0, "lenet_mfu": 0.30}
 
 
 def _modes(quick: bool, cores: int) -> dict:
@@ -106,6 +107,35 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
+def _stored_layout(task: str, clients: int) -> tuple[str | None, int | None]:
+  """The batched layout ``simulator="auto"`` chose for ``task`` at about ``clients`` clients
+  on this machine (:func:`mtfl_jax.federated.executors.choose_layout`, kept in the
+  calibration store), or the executor's default when none was stored or the loop won."""
+  from mtfl_jax.calibration import read_store
+  from mtfl_jax.device import cpu_model
+  bucket = 1 << max(0, clients - 1).bit_length()
+  for key, choice in read_store().get("layouts", {}).items():
+    name, device, n = (key.split("|") + ["", ""])[:3]
+    if name == task and cpu_model() in device and n == f"clients={bucket}" and choice["inner"] != "loop":
+      return choice["inner"], choice["per_device"]
+  return None, None
+
+
+def step_costs(task_name: str) -> dict:
+  """FLOPs and bytes of one plain train step of the task (XLA's cost analysis): the work a
+  client step does, whatever layout runs it (MFU counts these, not a layout's extra work)."""
+  import jax
+
+  from mtfl_jax.profiling import xla_costs
+  from mtfl_jax.tasks import get_task
+  from mtfl_jax.train import init_state, make_train_step, synthetic_batches
+  task = get_task(task_name)
+  batch = jax.tree.map(lambda b: b[0], synthetic_batches(task, 1))
+  compiled = jax.jit(make_train_step(task)).lower(init_state(task, 0), batch).compile()
+  c = xla_costs(compiled)
+  return {"flops": c["flops"], "bytes": c["bytes"]}
+
+
 def run_point(spec: dict) -> dict:
   """Runs one point in this process (see the module docstring) and writes its JSON (and, on
   process 0, the first round's aggregate delta) next to ``spec["out"]``."""
@@ -146,7 +176,11 @@ def run_point(spec: dict) -> dict:
   model_state = jax.tree.map(np.asarray, state0)
   ft = FedTask(task, 0, ds, tuple(shards), 0.0)
   program = fedavg_program(task)
-  sim = BatchedExecutor(ft, program, client_mesh(devices), clients_hint=clients)
+  if spec.get("executor", "batched") == "loop":  # the reference: one client after another
+    sim = LoopExecutor(ft, program)
+  else:  # the layout chosen for this task by measurement (the calibration store), else the default
+    inner, per_device = _stored_layout(task.name, clients)
+    sim = BatchedExecutor(ft, program, client_mesh(devices), inner=inner, per_device=per_device, clients_hint=clients)
   weights = {"delta": p, "model_state": p}
 
   def works(rnd):
@@ -166,7 +200,8 @@ def run_point(spec: dict) -> dict:
   rss = _peak_rss_mb()  # before the reference below, which holds every client's delta at once
   steady = sum(times[1:])
   res = {"task": task.name, "clients": clients, "devices": devices, "devices_per_process": devices // processes,
-         "processes": processes, "process_id": pid, "inner": sim.inner, "chunk_per_device": sim.chunk_size(clients),
+         "processes": processes, "process_id": pid, "inner": getattr(sim, "inner", None),
+         "chunk_per_device": sim.chunk_size(clients) if hasattr(sim, "chunk_size") else 1,
          "local_steps": int(sum(steps)), "data_repeat": rep, "train_samples": int(len(ds.y_train)),
          "rounds_steady": rounds, "first_round_s": round(times[0], 4),
          "round_s": round(steady / rounds, 4) if rounds else None,
@@ -253,30 +288,35 @@ def _median(xs):
 
 
 def _run_points(points, tmp, configs, work, repeats, rounds_of, seed, log, point_timeout_s) -> None:
-  """Every point of every repeat (interleaved), then each one's diff from its reference."""
+  """Every point of every repeat (interleaved), then each one's diff from its reference. On
+  one device in one process, the per-client loop executor runs beside the batched layout, at
+  the same task and client count."""
   for r in range(repeats):
-    order = configs if r % 2 == 0 else configs[::-1]
+    order = [(d, pr, ex) for d, pr in configs for ex in (("loop", "batched") if (d, pr) == (1, 1) else ("batched",))]
+    order = order if r % 2 == 0 else order[::-1]
     for t, c in work:
-      for d, pr in order:
-        stem = f"{t}_{c}_d{d}_p{pr}_r{r}"
+      for d, pr, ex in order:
+        stem = f"{t}_{c}_d{d}_p{pr}_{ex}_r{r}"
         spec = {"task": t, "clients": c, "devices": d, "processes": pr, "rounds": rounds_of(t, c), "seed": seed,
-                "out": str(tmp / f"{stem}.json"), "reference": r == 0 and (d, pr) == (1, 1)}
+                "executor": ex, "out": str(tmp / f"{stem}.json"),
+                "reference": r == 0 and (d, pr) == (1, 1) and ex == "loop"}
         try:
           res = launch_point(spec, point_timeout_s)
         except RuntimeError as e:
           log(f"  FAILED {stem}: {e}")
-          points.append({"task": t, "clients": c, "devices": d, "processes": pr, "repeat": r, "error": str(e)})
+          points.append({"task": t, "clients": c, "devices": d, "processes": pr, "executor": ex, "repeat": r,
+                         "error": str(e)})
           continue
-        res["repeat"] = r
+        res["repeat"], res["executor_kind"] = r, ex
         res["_delta"] = str(tmp / f"{stem}.delta.npz")
         points.append(res)
-        log(f"  [{r}] {t:<12} {c:>5} clients, {d} device(s), {pr} process(es): "
+        log(f"  [{r}] {t:<12} {c:>5} clients, {d} device(s), {pr} process(es), {res['executor']}: "
             f"{res['client_updates_per_s']:>9.1f} updates/s, round {res['round_s']:.3f}s, first {res['first_round_s']:.1f}s, "
             f"{res['compiles_after_first_round']} compiles after the first round, peak {res['peak_rss_mb']:.0f} MB")
   for pt in points:  # correctness: against the single-device reference of its (task, clients)
     if "error" in pt:
       continue
-    ref, delta = tmp / f"{pt['task']}_{pt['clients']}_d1_p1_r0.ref.npz", Path(pt.pop("_delta"))
+    ref, delta = tmp / f"{pt['task']}_{pt['clients']}_d1_p1_loop_r0.ref.npz", Path(pt.pop("_delta"))
     pt["max_abs_diff"], pt["rel_diff"] = _diff(delta, ref) if ref.exists() and delta.exists() else (None, None)
 
 
@@ -314,8 +354,24 @@ def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, conf
     _run_points(points, tmp, configs, work, repeats, rounds_of, seed, log, point_timeout_s)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+  # model FLOP utilisation of every point: one plain train step's FLOPs (XLA's cost analysis)
+  # times the steps per round, per wall second, over this machine's matmul peak (measured
+  # here, after the points); arithmetic intensity: the step's FLOPs per byte moved
+  from mtfl_jax.device import device_peak_flops
+  peak = device_peak_flops()
+  costs = {t: step_costs(t) for t in {w[0] for w in work}}
+  for pt in points:
+    if "error" in pt or not pt.get("round_s"):
+      continue
+    c = costs[pt["task"]]
+    pt["flops_per_step"], pt["intensity_flop_per_byte"] = c["flops"], round(c["flops"] / max(c["bytes"], 1.0), 3)
+    pt["achieved_flops"] = c["flops"] * pt["local_steps"] / pt["round_s"]
+    pt["mfu"] = round(pt["achieved_flops"] / peak, 4)
 
   out = {"device": dev, "cores": cores, "mode": "quick" if quick else "full", "repeats": repeats, "seed": seed,
+         "peak_flops": peak, "mfu": "achieved FLOP/s (one plain train step's XLA FLOPs x local steps per round / steady "
+                                    "round seconds) over peak_flops (a measured fp32 matmul); layouts that compute "
+                                    "more (patched convolutions) are credited with the plain step's FLOPs only",
          "load_average_start": [round(x, 2) for x in load], "load_average_end": [round(x, 2) for x in os.getloadavg()],
          "quick_skips": quick_skips(cores) if quick else None,
          "client_update": "one client's local training in a round: 1 local epoch (ceil(n_c / batch) steps) on its "
@@ -343,16 +399,21 @@ def bench_scale(quick: bool = True, json_path: str | Path | None = None, *, conf
 
 
 def summarize(points: list) -> list:
-  """Per (task, clients, devices, processes): medians over repeats, and each repeat's value."""
+  """Per (task, clients, devices, processes, executor): medians over repeats, and each
+  repeat's value."""
   groups: dict = {}
   for pt in points:
-    groups.setdefault((pt["task"], pt["clients"], pt["devices"], pt["processes"]), []).append(pt)
+    key = (pt["task"], pt["clients"], pt["devices"], pt["processes"], pt.get("executor_kind", pt.get("executor")))
+    groups.setdefault(key, []).append(pt)
   rows = []
-  for (t, c, d, pr), pts in groups.items():
+  for (t, c, d, pr, ex), pts in groups.items():
     ok = [p for p in pts if "error" not in p]
-    row = {"task": t, "clients": c, "devices": d, "processes": pr, "runs": len(ok), "failed": len(pts) - len(ok)}
+    row = {"task": t, "clients": c, "devices": d, "processes": pr, "executor_kind": ex,
+           "executor": next((p.get("executor") for p in ok), ex), "runs": len(ok), "failed": len(pts) - len(ok)}
     if ok:
       row.update({
+          "mfu": _median([p.get("mfu") for p in ok]),
+          "intensity_flop_per_byte": ok[0].get("intensity_flop_per_byte"),
           "client_updates_per_s": _median([p["client_updates_per_s"] for p in ok]),
           "client_updates_per_s_each": [p["client_updates_per_s"] for p in ok],
           "round_s": _median([p["round_s"] for p in ok]),
@@ -366,9 +427,9 @@ def summarize(points: list) -> list:
   return rows
 
 
-def _row(summary, t, c, d, pr):
+def _row(summary, t, c, d, pr, ex="batched"):
   return next((r for r in summary if (r["task"], r["clients"], r["devices"], r["processes"]) == (t, c, d, pr)
-               and r.get("client_updates_per_s")), None)
+               and r.get("executor_kind", "batched") == ex and r.get("client_updates_per_s")), None)
 
 
 def derived(summary: list) -> tuple[dict, dict, dict]:
@@ -380,13 +441,18 @@ def derived(summary: list) -> tuple[dict, dict, dict]:
     if base:
       s = {}
       for r in summary:
-        if (r["task"], r["clients"]) == (t, 100) and r.get("client_updates_per_s") and (r["devices"], r["processes"]) != (1, 1):
+        if ((r["task"], r["clients"]) == (t, 100) and r.get("client_updates_per_s")
+                and (r["devices"], r["processes"]) != (1, 1) and r.get("executor_kind", "batched") == "batched"):
           name = {(2, 1): "2_devices_vs_1", (2, 2): "2_processes_vs_1"}.get(
               (r["devices"], r["processes"]), f"{r['devices']}_devices_{r['processes']}_processes_vs_1")
           s[name] = round(r["client_updates_per_s"] / base["client_updates_per_s"], 3)
+      loop = _row(summary, t, 100, 1, 1, "loop")
+      if loop:
+        s["batched_vs_loop"] = round(base["client_updates_per_s"] / loop["client_updates_per_s"], 3)
       speed[t] = s
     for r in summary:
-      if r["task"] != t or r["clients"] != 1000 or not r.get("peak_rss_mb"):
+      if (r["task"] != t or r["clients"] != 1000 or not r.get("peak_rss_mb")
+              or r.get("executor_kind", "batched") != "batched"):
         continue
       key = f"{r['devices']}d_{r['processes']}p"
       if t == "digits_mlp":
@@ -415,6 +481,15 @@ def targets(out: dict) -> dict:
   if mem:
     res["memory_1000_vs_100"] = {"target": f"<= {TARGETS['memory_ratio_1000_vs_100']}x", "measured": mem,
                                  "met": all(v <= TARGETS["memory_ratio_1000_vs_100"] for v in mem.values())}
+  lenet = out["speedup"].get("mnist_lenet", {})
+  if "batched_vs_loop" in lenet:
+    res["lenet_batched_vs_loop"] = {"target": f">= {TARGETS['lenet_batched_vs_loop']}x the per-client loop at 100 "
+                                              "clients, one device", "measured": lenet["batched_vs_loop"],
+                                    "met": lenet["batched_vs_loop"] >= TARGETS["lenet_batched_vs_loop"]}
+  best = max((r["mfu"] for r in out["summary"] if r["task"] == "mnist_lenet" and r.get("mfu")), default=None)
+  if best is not None:
+    res["lenet_mfu"] = {"target": f">= {TARGETS['lenet_mfu']:.0%} of the matmul peak", "measured": best,
+                        "met": best >= TARGETS["lenet_mfu"]}
   comp = [r["compiles_after_first_round"] for r in out["summary"] if r.get("compiles_after_first_round") is not None]
   res["no_recompiles"] = {"target": "0 programs built after the first round", "measured": max(comp, default=None),
                           "met": bool(comp) and max(comp) == 0}
@@ -422,20 +497,22 @@ def targets(out: dict) -> dict:
 
 
 def scale_table(out: dict) -> str:
-  hdr = (f"{'task':<12}{'clients':>8}{'dev':>5}{'proc':>5}{'updates/s':>11}{'round s':>9}{'first s':>9}"
-         f"{'compiles':>9}{'peak MB':>9}{'max|diff|':>11}{'rel diff':>10}")
+  hdr = (f"{'task':<12}{'clients':>8}{'dev':>5}{'proc':>5} {'executor':<22}{'updates/s':>11}{'MFU':>7}{'round s':>9}"
+         f"{'first s':>9}{'compiles':>9}{'peak MB':>9}{'max|diff|':>11}{'rel diff':>10}")
   rows = [hdr]
   for r in out["summary"]:
     if not r.get("runs"):
       rows.append(f"{r['task']:<12}{r['clients']:>8}{r['devices']:>5}{r['processes']:>5}   FAILED")
       continue
     f = lambda v, fmt: format(v, fmt) if v is not None else "-"
-    rows.append(f"{r['task']:<12}{r['clients']:>8}{r['devices']:>5}{r['processes']:>5}"
-                f"{r['client_updates_per_s']:>11.1f}{r['round_s']:>9.3f}{r['first_round_s']:>9.2f}"
+    rows.append(f"{r['task']:<12}{r['clients']:>8}{r['devices']:>5}{r['processes']:>5} {str(r.get('executor')):<22}"
+                f"{r['client_updates_per_s']:>11.1f}{f(r.get('mfu'), '>7.1%')}{r['round_s']:>9.3f}"
+                f"{r['first_round_s']:>9.2f}"
                 f"{f(r['compiles_after_first_round'], '>9')}{r['peak_rss_mb']:>9.0f}{f(r['max_abs_diff'], '>11.2e')}"
                 f"{f(r['rel_diff'], '>10.2e')}")
-  rows.append("medians over repeats; updates/s: client updates per wall second, steady rounds; compiles: programs "
-              "XLA compiled after the first round")
+  rows.append("medians over repeats; updates/s: client updates per wall second, steady rounds; MFU: a plain train "
+              f"step's FLOPs at that rate over the measured matmul peak ({out['peak_flops'] / 1e9:.0f} GFLOP/s); "
+              "compiles: programs XLA compiled after the first round")
   for t, s in out["speedup"].items():
     rows.append(f"{t} at 100 clients: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in s.items()))
   if out["mlp_1000_round_s"]:
