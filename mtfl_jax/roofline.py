@@ -31,7 +31,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mtfl_jax.profiling import device_peak_flops, xla_costs
+from mtfl_jax.device import device_peak_flops
+from mtfl_jax.profiling import xla_costs
 
 
 @functools.lru_cache(maxsize=None)

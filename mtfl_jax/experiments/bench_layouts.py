@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtfl_jax.client_layouts import clients_program
-from mtfl_jax.profiling import device_name, xla_costs
-from mtfl_jax.results import write_json
+from mtfl_jax.device import device_name
+from mtfl_jax.profiling import xla_costs
+from mtfl_jax.files import write_json
 from mtfl_jax.roofline import measure_bandwidth
 from mtfl_jax.tasks import get_task
 from mtfl_jax.timing import time_calls
