@@ -287,11 +287,13 @@ def _best(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, clock: dic
   """The candidate with the best (lowest) median task-set TTA over the calibration seeds
   (never reached: infinite; ties: the first listed), and every candidate's numbers."""
   grid_s = cal["horizon_s"] / ec.grid
-  table = {}
+  specs = {v.name: [_spec(out, sc, v, s, clock, cal["horizon_s"], grid_s, 20 * sc.calibration_rounds)
+                    for s in ec.calibration_seeds] for v in candidates}
+  docs = rec.run([x for v in candidates for x in specs[v.name]])  # all at once: every worker busy
+  table, i = {}, 0
   for v in candidates:
-    docs = rec.run([_spec(out, sc, v, s, clock, cal["horizon_s"], grid_s, 20 * sc.calibration_rounds)
-                    for s in ec.calibration_seeds])
-    sets = [run_metrics(d, cal["targets"])["tta_set"] for d in docs]
+    sets = [run_metrics(d, cal["targets"])["tta_set"] for d in docs[i:i + len(ec.calibration_seeds)]]
+    i += len(ec.calibration_seeds)
     table[v.name] = {"tta_set": sets, "median": float(np.median([math.inf if x is None else x for x in sets]))}
   best = min(candidates, key=lambda v: table[v.name]["median"])
   return best, {k: {"tta_set_per_seed": t["tta_set"], "median_tta_set_s": stats._finite_or_none(t["median"])}
@@ -304,6 +306,8 @@ def tune(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, clock: dict
   deadline = [Variant(f"deadline[q={q:g}]", "deadline", (("deadline_quantile", q),)) for q in ec.deadline_quantiles]
   sizes = sorted({max(1, int(round(f * k))) for f in ec.buffer_fractions})
   fedbuff = [Variant(f"fedbuff[K={b}]", "fedbuff", (("buffer_size", b), ("concurrency", k))) for b in sizes]
+  rec.run([_spec(out, sc, v, s, clock, cal["horizon_s"], cal["horizon_s"] / ec.grid, 20 * sc.calibration_rounds)
+           for v in deadline + fedbuff + list(FULL_VARIANTS) for s in ec.calibration_seeds])  # all at once
   d_best, d_table = _best(rec, out, sc, ec, clock, cal, deadline)
   f_best, f_table = _best(rec, out, sc, ec, clock, cal, fedbuff)
   full_best, full_table = _best(rec, out, sc, ec, clock, cal, FULL_VARIANTS)
@@ -396,13 +400,15 @@ def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=p
           tuned = {**scenarios[0]["tuned"], "from": scenarios[0]["name"]}
         variants = policies_of(tuned, ec.ablations and sc.ablations)
         grid_s = cal["horizon_s"] / ec.grid
+        specs = {v.name: [_spec(out, sc, v, s, clock, cal["horizon_s"], grid_s, 20 * sc.calibration_rounds)
+                          for s in ec.seeds] for v in variants}
+        docs = rec.run([x for v in variants for x in specs[v.name]])  # all at once: every worker busy
         runs = {}
         for v in variants:
-          specs = [_spec(out, sc, v, s, clock, cal["horizon_s"], grid_s, 20 * sc.calibration_rounds) for s in ec.seeds]
-          docs = rec.run(specs)
-          for d, sp in zip(docs, specs):
+          runs[v.name] = docs[:len(ec.seeds)]
+          docs = docs[len(ec.seeds):]
+          for d, sp in zip(runs[v.name], specs[v.name]):
             d["__path__"] = sp["path"]
-          runs[v.name] = docs
         # the best baseline, chosen on the calibration seeds (not on the results it is compared with)
         best = _best_baseline(rec, out, sc, ec, clock, cal, tuned)
         doc = summarize_scenario(sc, cal, tuned, runs, ec.seeds, best, out)
