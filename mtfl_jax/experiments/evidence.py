@@ -108,6 +108,7 @@ class EvidenceConfig:
   workers: int = 2
   ablations: bool = True  # every full variant where a scenario asks for them
   clock_backend: str = "processes"  # where each mix's virtual-resource model is calibrated (first use)
+  full_candidates: tuple = tuple(v.name for v in FULL_VARIANTS)  # the full variants tuning chooses among
 
 
 MIX2 = ("digits_mlp", "mnist_lenet")
@@ -126,8 +127,9 @@ def config(mode: str) -> EvidenceConfig:
   if mode == "quick":  # a smoke run of every code path: not evidence
     main = (Scenario("mlp+cnn", MIX2, num_clients=10, clients_per_round=5, calibration_rounds=25,
                      heterogeneity="lognormal 0.5"),)  # no ablations: a smoke run
-    return EvidenceConfig("quick", main, (), seeds=(0, 1), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
-                          buffer_fractions=(0.4, 1.0), grid=20, ablations=False)
+    return EvidenceConfig("quick", main, (), seeds=(0, 1), calibration_seeds=(1000,), deadline_quantiles=(0.5,),
+                          buffer_fractions=(0.5,), grid=20, ablations=False,
+                          full_candidates=("full[ext,fednova_nominal]", "full[noext,fednova_nominal]"))
   if mode == "gpu":  # the GPU recording's reduced evidence, on the GPU's own clock (a few minutes there)
     main = (Scenario("mlp+cnn+unet", MIX3, presence=0.7, calibration_rounds=40, heterogeneity="lognormal 0.5"),)
     return EvidenceConfig("gpu", main, (), seeds=(0, 1, 2), calibration_seeds=(1000,), deadline_quantiles=(0.5, 0.8),
@@ -306,11 +308,12 @@ def tune(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, clock: dict
   deadline = [Variant(f"deadline[q={q:g}]", "deadline", (("deadline_quantile", q),)) for q in ec.deadline_quantiles]
   sizes = sorted({max(1, int(round(f * k))) for f in ec.buffer_fractions})
   fedbuff = [Variant(f"fedbuff[K={b}]", "fedbuff", (("buffer_size", b), ("concurrency", k))) for b in sizes]
+  fulls = [v for v in FULL_VARIANTS if v.name in ec.full_candidates]
   rec.run([_spec(out, sc, v, s, clock, cal["horizon_s"], cal["horizon_s"] / ec.grid, 20 * sc.calibration_rounds)
-           for v in deadline + fedbuff + list(FULL_VARIANTS) for s in ec.calibration_seeds])  # all at once
+           for v in deadline + fedbuff + fulls for s in ec.calibration_seeds])  # all at once
   d_best, d_table = _best(rec, out, sc, ec, clock, cal, deadline)
   f_best, f_table = _best(rec, out, sc, ec, clock, cal, fedbuff)
-  full_best, full_table = _best(rec, out, sc, ec, clock, cal, FULL_VARIANTS)
+  full_best, full_table = _best(rec, out, sc, ec, clock, cal, fulls)
   return {"deadline": {"chosen": d_best.name, "overrides": dict(d_best.overrides), "candidates": d_table},
           "fedbuff": {"chosen": f_best.name, "overrides": dict(f_best.overrides), "candidates": f_table},
           "full": {"chosen": full_best.name, "overrides": dict(full_best.overrides), "candidates": full_table},
@@ -468,3 +471,37 @@ def evidence_table(doc: dict) -> str:
       lines.append(f"  {p:<28}{r(v['ratio_vs_none']):>24} {v['verdict_vs_none']:<21}"
                    f"{r(v['ratio_vs_best_baseline']):>26} {v['verdict_vs_best_baseline']}")
   return "\n".join(lines)
+
+
+def evidence_markdown(doc: dict, policies: Sequence[str] = ("none", "intra", "deadline", "overselect", "fedbuff",
+                                                            "full"), scenarios: Sequence[str] | None = None) -> str:
+  """A markdown table of the evidence: per scenario and policy, the task-set time to accuracy
+  (median over seeds, virtual s), the speedup over none and over the best baseline with 95%
+  intervals and verdicts, and the plateau difference from none per task."""
+  def num(v, fmt=".2f"):
+    return "never" if v is None else ("inf" if v == "inf" else format(float(v), fmt))
+
+  def ratio(r):
+    return f"{num(r['median'])}x [{num(r['ci95'][0])}, {num(r['ci95'][1])}]"
+
+  rows = ["| scenario | policy | time to accuracy (s) | vs none | vs best baseline | plateau vs none |",
+          "| --- | --- | --- | --- | --- | --- |"]
+  for s in doc["scenarios"] + doc.get("sweep", []):
+    if scenarios is not None and s["name"] not in scenarios:
+      continue
+    for p in policies:
+      if p not in s["policies"]:
+        continue
+      v = s["policies"][p]
+      sets = [x for x in v["tta_set_s"] if x is not None]
+      tta = f"{np.median(sets):.1f}" if len(sets) == len(v["tta_set_s"]) else (
+          f"{np.median(sets):.1f} ({len(v['tta_set_s']) - len(sets)} never)" if sets else "never")
+      vs_none = "—" if p == "none" else f"{ratio(v['ratio_vs_none'])} {v['verdict_vs_none']}"
+      vs_best = ("—" if p == s["best_baseline"] else
+                 f"{ratio(v['ratio_vs_best_baseline'])} {v['verdict_vs_best_baseline']}")
+      plat = "—" if p == "none" else "; ".join(
+          f"{t} {num(x['median'], '+.3f')} [{num(x['ci95'][0], '+.3f')}, {num(x['ci95'][1], '+.3f')}]"
+          for t, x in v["plateau_vs_none"].items())
+      name = f"{p} ({s['best_baseline']} is the best baseline)" if p == s["best_baseline"] else p
+      rows.append(f"| {s['name']} | {name} | {tta} | {vs_none} | {vs_best} | {plat} |")
+  return "\n".join(rows)
