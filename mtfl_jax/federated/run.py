@@ -138,7 +138,11 @@ def make_runtimes(cfg: FedConfig, fed: Federation, server_tx=None, executor_opti
   for ft in fed.tasks:
     algo = make_algorithm(ft.task, cfg.aggregator_name, tx, cfg.prox_mu, cfg.algorithm == "scaffold",
                           holders=max(1, len(ft.holders)), staleness_exponent=cfg.staleness_exponent)
-    opts = {"clients_hint": cfg.clients_per_round, **(executor_options or {})}
+    # how many clients one executor call usually trains: a round's, or (FedBuff) one buffer's,
+    # which trains the updates that started from one model version together
+    per_call = (cfg.buffer_size or max(1, cfg.clients_per_round // 2)) if cfg.policy_value.asynchronous \
+        else cfg.clients_per_round
+    opts = {"clients_hint": per_call, **(executor_options or {})}
     if cfg.simulator == "sharded":
       opts["devices"] = cfg.devices
     out.append(TaskRuntime(ft, algo, make_executor(cfg.simulator, ft, algo.program, **opts)))
