@@ -384,7 +384,8 @@ def fedbuff_schedule(cfg: FedConfig, fed: Federation, clock: Clock) -> Iterator[
           staleness = [versions[ft.name] - x.base[ft.name] for x in arrivals]
           buffers[ft.name] = []
           versions[ft.name] += 1
-          pending = [x for _, _, x in heap] + [x for b in buffers.values() for x in b]
+          # ``a`` itself is pending too: it may still have to enter a later task's buffer
+          pending = [x for _, _, x in heap] + [x for b in buffers.values() for x in b] + [a]
           oldest = {n: min([x.base[n] for x in pending if x.workloads[n] > 0], default=v) for n, v in versions.items()}
           yield ft.name, t, arrivals, staleness, oldest
     while len(busy) < m:
