@@ -183,6 +183,70 @@ def search_plan(measure: Measure | Runner, candidates: Mapping[str, Mapping[str,
   return Search.from_runs(candidates, runs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Plans measured in interleaved rounds (:func:`compare_plans`): ``runs[plan]`` holds one
+  :class:`RunResult` per round, round ``k`` of every plan measured back to back, so that a
+  ratio of two plans is paired by round."""
+  runs: dict[str, list]
+
+  def makespans(self, plan: str) -> list[float]:
+    return [r.makespan_s for r in self.runs[plan]]
+
+  def median_s(self, plan: str) -> float:
+    return float(np.median(self.makespans(plan)))
+
+  def ratio(self, num: str, den: str) -> dict:
+    """Median over rounds of ``makespan(num) / makespan(den)`` with its 95% paired bootstrap
+    interval (:func:`mtfl_jax.stats.paired_ratio`) and ``verdict``: ``ratio("sequential",
+    "competitive")`` is competitive's speedup; ``"faster"`` only where the interval lies above 1."""
+    from mtfl_jax import stats
+    out = stats.paired_ratio(self.makespans(num), self.makespans(den))
+    return out | {"verdict": stats.verdict(out)}
+
+  def median_run(self, plan: str) -> RunResult:
+    """The round whose makespan is the (lower) median: a typical run, e.g. for a timeline."""
+    runs = sorted(self.runs[plan], key=lambda r: r.makespan_s)
+    return runs[(len(runs) - 1) // 2]
+
+
+def compare_plans(runner: Runner, plans: Mapping[str, Mapping[str, float] | None], repeats: int = 5) -> Comparison:
+  """Runs every plan ``repeats`` times, interleaved: round ``k`` runs each plan once, in an
+  order rotated by ``k`` (:func:`rotated`), so drift on a shared machine hits every plan alike.
+  Shares ``None`` run the runner's sequential baseline: ``runner.run_sequential`` where the
+  runner has one (``processes``: each task in its worker, under the same per-task limits), else
+  a ``sequential`` runner on the same jobs, opened once here.
+
+  Measure a plan that a search picked (``auto``, ``grid_best``) here again, on rounds the
+  search never saw: its number in its own search is the best of several noisy draws, biased
+  towards looking fast.
+
+  Example::
+
+      cmp = compare_plans(runner, {"sequential": None, "equal": eq, "competitive": comp}, repeats=5)
+      cmp.ratio("sequential", "competitive")      # {"median", "ci95", "verdict", ...}
+  """
+  if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+    raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+  if not plans:
+    raise ValueError("no plans to compare")
+  seq_runner = None
+  try:
+    if any(v is None for v in plans.values()) and not hasattr(runner, "run_sequential"):
+      seq_runner = open_backend("sequential", runner.jobs)
+      seq_runner.run(None)  # warm-up: its first calls fill dispatch caches
+    baseline = getattr(runner, "run_sequential", None) or (lambda: seq_runner.run(None))
+    runs: dict[str, list] = {k: [] for k in plans}
+    for k in range(repeats):
+      for name in rotated(list(plans), k):
+        shares = plans[name]
+        runs[name].append(baseline() if shares is None else runner.run(dict(shares)))
+  finally:
+    if seq_runner is not None:
+      seq_runner.close()
+  return Comparison(runs)
+
+
 def scaled_jobs(jobs: Sequence[Job], fraction: float, min_steps: int = 2) -> list[Job]:
   """The same jobs with ``fraction`` of their steps (at least ``min_steps``): a cheap probe for
   a search, opened as its own runner."""

@@ -103,6 +103,73 @@ def op_breakdown(fn, *args) -> list[dict]:
   return sorted(rows, key=lambda r: -r["flops"])
 
 
+def _walk_eqns(jaxpr, mult, visit):
+  for eqn in jaxpr.eqns:
+    visit(eqn, mult)
+    inner = mult * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else mult
+    for sub in _sub_jaxprs(eqn):
+      _walk_eqns(sub, inner, visit)
+
+
+def _size(shape) -> int:
+  return int(np.prod(shape)) if len(shape) else 1
+
+
+def op_equations(fn, *args) -> list[dict]:
+  """Every matmul and convolution of ``fn``'s jaxpr, one row per equation in program order:
+  ``layer``, ``op``, ``pass``, ``role``, the ``inputs`` and ``output`` shapes, a convolution's
+  ``padding`` and its ``flops`` (as :func:`op_breakdown` counts them: every multiply-add of the
+  output, padding zeros included). ``role`` names what a backward equation computes, read off
+  its output's size against the same layer's forward equation: ``"weight gradient"`` (the size
+  of the forward's second operand, the weights) or ``"input gradient"`` (the size of its first
+  operand); forward equations have role ``"forward"``.
+
+  Example::
+
+      rows = op_equations(make_train_step(task), init_state(task), batch)
+      [(r["layer"], r["role"], r["flops"]) for r in rows if r["layer"] == "Conv_1"]
+  """
+  rows = []
+
+  def visit(eqn, mult):
+    f = _eqn_flops(eqn)
+    if not f:
+      return
+    layer, direction = _layer(str(eqn.source_info.name_stack))
+    row = {"layer": layer, "op": eqn.primitive.name, "pass": direction,
+           "inputs": [tuple(v.aval.shape) for v in eqn.invars], "output": tuple(eqn.outvars[0].aval.shape),
+           "flops": float(f * mult)}
+    if eqn.primitive.name == "conv_general_dilated":
+      row["padding"] = tuple(tuple(int(x) for x in p) for p in eqn.params["padding"])
+    rows.append(row)
+
+  _walk_eqns(jax.make_jaxpr(fn)(*args).jaxpr, 1, visit)
+  forward = {}
+  for r in rows:
+    if r["pass"] == "forward":
+      forward.setdefault((r["layer"], r["op"]), r)
+  for r in rows:
+    fw = forward.get((r["layer"], r["op"]))
+    if r["pass"] == "forward":
+      r["role"] = "forward"
+    elif fw is not None and _size(r["output"]) == _size(fw["inputs"][1]):
+      r["role"] = "weight gradient"
+    elif fw is not None and _size(r["output"]) == _size(fw["inputs"][0]):
+      r["role"] = "input gradient"
+    else:
+      r["role"] = "backward"
+  return rows
+
+
+def step_equations(task: str | Task, seed: int = 0) -> list[dict]:
+  """:func:`op_equations` of one train step of ``task`` (forward, backward, optimizer update)
+  on a batch of its shapes; nothing is computed (the jaxpr depends on shapes only)."""
+  from mtfl_jax.train import synthetic_batches
+  task = get_task(task).check()
+  batch = jax.tree.map(lambda b: b[0], synthetic_batches(task, 1, seed))
+  return op_equations(make_train_step(task), init_state(task, seed), batch)
+
+
 # --------------------------------------------------------------------------- profiles
 @dataclasses.dataclass(frozen=True)
 class TaskProfile:

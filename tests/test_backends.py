@@ -58,6 +58,13 @@ def test_round_from_given_params_equals_the_reference_loop(backend, reference_pa
     if backend == "processes" and len(os.sched_getaffinity(0)) >= 2:  # XLA's default: a pool thread per core
       assert r.solo_threads["shapes_unet"]["busy_threads"] >= 2, r.solo_threads
   assert res.makespan_s == pytest.approx(max(res.finish_times_s.values()))
+  names = [j.name for j in EQ_JOBS]
+  if backend == "sequential":  # one after another: each task starts when the previous one finished
+    assert res.start_s(names[0]) < np.nanmin(res.step_times_s[names[0]])
+    for a, b in zip(names, names[1:]):
+      assert res.finish_times_s[a] <= res.start_s(b) <= np.nanmin(res.step_times_s[b])
+  else:  # co-run: every task starts at the common start
+    assert res.start_times_s is None and all(res.start_s(n) == 0.0 for n in names)
   for name, ref in reference_params.items():
     # bitwise on XLA CPU: the same compiled step on the same batches from the same params
     # (fused on CPU runs without stream annotations; with them, see test_streams.py)
@@ -80,7 +87,8 @@ def test_one_compute_thread_per_worker_keeps_the_maths_and_runs_one_by_one(refer
     assert _max_diff(ref, res.params[name]) < 1e-6 and _max_diff(res.params[name], seq.params[name]) == 0.0, name
   names = [j.name for j in EQ_JOBS]
   for a, b in zip(names, names[1:]):  # one after another, in job order
-    assert np.nanmin(seq.step_times_s[b]) >= seq.finish_times_s[a]
+    assert np.nanmin(seq.step_times_s[b]) >= seq.start_s(b) == seq.finish_times_s[a]
+  assert seq.start_s(names[0]) == 0.0
   assert seq.makespan_s == seq.finish_times_s[names[-1]] == max(seq.finish_times_s.values())
   for bad in (0, len(os.sched_getaffinity(0)) + 1, 1.5):
     with pytest.raises(ValueError, match="compute_threads must be an integer"):

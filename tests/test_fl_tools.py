@@ -211,3 +211,29 @@ def test_metrics_writer_streams_csv_and_tensorboard_that_tensorboard_reads(tmp_p
   got = acc.Scalars("accuracy/digits_mlp")
   assert [e.step for e in got] == [0, 1, 2]
   assert [e.value for e in got] == pytest.approx([float(r["accuracy/digits_mlp"]) for r in rows])
+
+
+def test_fedbuff_keeps_every_task_version_a_pending_update_started_from():
+  # Two tasks held by every client: one arrival fills one task's buffer while it still has to
+  # enter the other task's. The versions a server step frees (older than the schedule's
+  # ``oldest``) must never be one that a later server step's update started from.
+  from mtfl_jax.clock import Clock
+  from mtfl_jax.federated.run import fedbuff_schedule
+  tasks = (quadratic_task("quad_a", np.linspace(1, 2, 8), np.arange(8)),
+           quadratic_task("quad_b", np.linspace(2, 1, 8), np.arange(8)))
+  model = VRModel({"quad_a": 1e-3, "quad_b": 3e-3}, {"quad_a": 0.5, "quad_b": 0.8}, {})
+  for seed in range(3):
+    cfg = FedConfig(tasks=tasks, num_clients=8, clients_per_round=6, partition="natural", policy="fedbuff",
+                    buffer_size=3, speed_sigma=0.8, seed=seed)
+    fed = build_federation(cfg)
+    clock = Clock(model, fed.fleet.speed, fed.fleet.bandwidth, fed.model_bytes)
+    live = {t.name: {0} for t in tasks}
+    current = {t.name: 0 for t in tasks}
+    for step, (task, _, arrivals, _, oldest) in enumerate(fedbuff_schedule(cfg, fed, clock)):
+      assert all(a.base[task] in live[task] for a in arrivals), (seed, step, task)
+      current[task] += 1
+      live[task].add(current[task])
+      for name in live:  # what the run frees after applying the step
+        live[name] = {v for v in live[name] if v >= oldest[name] or v == current[name]}
+      if step == 60:
+        break

@@ -5,8 +5,8 @@ import itertools
 import pytest
 
 from mtfl_jax.backends import Job, RunResult, Runner
-from mtfl_jax.cosched import (PLAN_POLICIES, Search, blend, candidate_shares, make_plan, plan_shares, rotated, scaled_jobs,
-                              search_plan, share_grid)
+from mtfl_jax.cosched import (PLAN_POLICIES, Search, blend, candidate_shares, compare_plans, make_plan, plan_shares,
+                              rotated, scaled_jobs, search_plan, share_grid)
 from mtfl_jax.vresource import VRModel
 
 JOBS = [Job("digits_mlp", 40), Job("mnist_lenet", 10), Job("shapes_unet", 4)]
@@ -134,3 +134,41 @@ def test_search_decision_from_runs_by_brute_force():
   assert (s.best, s.shares, s.median_s) == ("r", {"x": 0.25}, {"p": 2.0, "q": 2.0, "r": 1.9})
   with pytest.raises(ValueError, match="every candidate"):
     Search.from_runs(cands, {"p": [1.0], "q": [], "r": [1.0]})
+
+
+class FakeSequentialRunner(FakeRunner):
+  """A fake runner with its own sequential baseline (as the processes runner has)."""
+
+  def __init__(self, jobs, cost, sequential_s):
+    super().__init__(jobs, cost)
+    self.sequential_s = sequential_s
+
+  def run_sequential(self, params=None, return_params=False):
+    self.calls.append("sequential")
+    t = self.sequential_s.pop(0)
+    return RunResult(self.name, {}, t, {}, {}, 0.0)
+
+
+def test_compare_plans_interleaves_and_pairs_by_round():
+  equal = {n: 1.0 for n in WL}
+  comp = plan_shares("competitive", WL, MODEL)
+  # makespans: equal 10 + ..., competitive 10 (the target); sequential drifts from 30 to 34 s
+  runner = FakeSequentialRunner(JOBS, _distance_cost(comp), [30.0, 31.0, 34.0])
+  cmp = compare_plans(runner, {"sequential": None, "equal": equal, "competitive": comp}, repeats=3)
+  # round k runs every plan once, rotated by k
+  assert runner.calls == ["sequential", equal, comp, equal, comp, "sequential", comp, "sequential", equal]
+  assert cmp.makespans("sequential") == [30.0, 31.0, 34.0] and cmp.makespans("competitive") == [10.0] * 3
+  speedup = cmp.ratio("sequential", "competitive")  # paired by round: 3.0, 3.1, 3.4
+  assert speedup["median"] == pytest.approx(3.1) and speedup["per_unit"] == pytest.approx([3.0, 3.1, 3.4])
+  assert speedup["ci95"][0] >= 3.0 and speedup["verdict"] == "faster"
+  assert cmp.median_s("sequential") == 31.0 and cmp.median_run("sequential").makespan_s == 31.0
+  with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+    compare_plans(runner, {"equal": equal}, repeats=0)
+
+
+def test_compare_plans_opens_a_sequential_runner_when_the_backend_has_none():
+  jobs = [Job("digits_mlp", 3)]
+  runner = FakeRunner(jobs, lambda s: 1.0)
+  cmp = compare_plans(runner, {"sequential": None, "equal": {"digits_mlp": 1.0}}, repeats=2)
+  assert [r.backend for r in cmp.runs["sequential"]] == ["sequential"] * 2
+  assert all(r.makespan_s > 0 for r in cmp.runs["sequential"]) and cmp.makespans("equal") == [1.0, 1.0]

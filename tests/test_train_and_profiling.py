@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mtfl_jax as mt
-from mtfl_jax.profiling import op_breakdown, xla_costs
+from mtfl_jax.profiling import op_breakdown, op_equations, step_equations, xla_costs
 
 
 def _batches(task, steps, seed=0):
@@ -148,6 +148,32 @@ def test_conv_flops_match_hand_count():
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   rows = op_breakdown(conv, x, k)
   assert rows[0]["flops"] == 2 * 8 * 28 * 28 * 6 * 5 * 5 * 1
+
+
+def test_op_equations_name_each_backward_convolution():
+  # a VALID 5x5 conv, 14x14x6 -> 10x10x16: the weight gradient costs what the forward does; the
+  # input gradient is a "full" convolution of the 10x10 cotangent padded by 4 on every side:
+  # 14x14 outputs x 5x5x16 taps each, half of them on padding zeros
+  x, k = jnp.ones((4, 14, 14, 6)), jnp.ones((5, 5, 6, 16))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  rows = op_equations(jax.grad(lambda x, k: conv(x, k).sum(), argnums=(0, 1)), x, k)
+  by_role = {r["role"]: r for r in rows}
+  assert set(by_role) == {"forward", "weight gradient", "input gradient"}
+  forward = 2 * 4 * 10 * 10 * 16 * 5 * 5 * 6
+  assert by_role["forward"]["flops"] == by_role["weight gradient"]["flops"] == forward
+  assert by_role["input gradient"]["flops"] == 2 * 4 * 14 * 14 * 6 * 5 * 5 * 16
+  assert by_role["input gradient"]["padding"] == ((4, 4), (4, 4)) and by_role["input gradient"]["output"] == (4, 14, 14, 6)
+
+
+def test_step_equations_of_lenet():
+  rows = step_equations("mnist_lenet")
+  roles = lambda layer: sorted(r["role"] for r in rows if r["layer"] == layer)
+  # the first convolution's input is the data: no input gradient is computed for it
+  assert roles("Conv_0") == ["forward", "weight gradient"]
+  assert roles("Conv_1") == roles("Dense_0") == ["forward", "input gradient", "weight gradient"]
+  assert sum(r["flops"] for r in rows) == sum(r["flops"] for r in mt.profiling.op_breakdown(
+      mt.make_train_step("mnist_lenet"), mt.init_state("mnist_lenet"),
+      {"image": jnp.zeros((32, 28, 28, 1)), "label": jnp.zeros((32,), jnp.int32)}))
 
 
 def test_profile_task_and_json_roundtrip(tmp_path):

@@ -96,6 +96,13 @@ class RunResult:
   step_times_s: dict[str, np.ndarray]  # completion time of each step (per slice for 'fused')
   setup_s: float  # compilation / start-up of this run, excluded from the makespan
   params: dict[str, Any] | None = None
+  # when each task started (one after another: the previous task's finish); None: every task
+  # started at the common start (co-run backends)
+  start_times_s: dict[str, float] | None = None
+
+  def start_s(self, task: str) -> float:
+    """When ``task`` started, in seconds from the common start."""
+    return float((self.start_times_s or {}).get(task, 0.0))
 
 
 class Feed:

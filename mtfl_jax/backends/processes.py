@@ -420,15 +420,16 @@ class ProcessesRunner(Runner):
       raise RuntimeError("this runner is closed (a worker failed or close() was called); open a new one")
     shares = check_shares(self.jobs, None)
     setup = self._place(shares)
-    offset, stamps, out, finish = 0.0, {}, {}, {}
+    offset, stamps, out, finish, starts = 0.0, {}, {}, {}, {}
     for job in self.jobs:
+      starts[job.name] = offset
       p = None if params is None else params.get(job.name)
       start_at = time.perf_counter() + 0.02
       self._send(job.name, ("run", start_at, p, return_params, sync_every(self.solo_step_s[job.name])))
       _, own, out[job.name] = self._recv(job.name, "run")
       stamps[job.name] = np.asarray(own, float) + offset
       finish[job.name] = offset = float(np.nanmax(stamps[job.name]))
-    return RunResult(self.name, shares, offset, finish, stamps, setup, out if return_params else None)
+    return RunResult(self.name, shares, offset, finish, stamps, setup, out if return_params else None, starts)
 
   def close(self):
     for w in self.workers.values():

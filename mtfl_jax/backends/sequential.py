@@ -22,13 +22,14 @@ class SequentialRunner(Runner):
     shares = check_shares(self.jobs, shares)
     states = {j.name: initial_state(j, params) for j in self.jobs}
     jax.block_until_ready(states)
-    stamps = {}
+    stamps, starts = {}, {}
     clock = Clock()
     for job in self.jobs:
+      starts[job.name] = clock.now()
       t = np.full(job.steps, np.nan)
       states[job.name] = run_steps(self.step[job.name], states[job.name], self.feeds[job.name], 0,
                                    job.steps, sync_every(self.solo_step_s[job.name]), clock, t)
       stamps[job.name] = t
     finish = {n: float(np.nanmax(t)) for n, t in stamps.items()}
     return RunResult(self.name, shares, max(finish.values()), finish, stamps, 0.0,
-                     fetch_params(states) if return_params else None)
+                     fetch_params(states) if return_params else None, starts)
