@@ -138,10 +138,9 @@ def make_runtimes(cfg: FedConfig, fed: Federation, server_tx=None, executor_opti
   for ft in fed.tasks:
     algo = make_algorithm(ft.task, cfg.aggregator_name, tx, cfg.prox_mu, cfg.algorithm == "scaffold",
                           holders=max(1, len(ft.holders)), staleness_exponent=cfg.staleness_exponent)
-    # how many clients one executor call usually trains: a round's, or (FedBuff) one buffer's,
-    # which trains the updates that started from one model version together
-    per_call = (cfg.buffer_size or max(1, cfg.clients_per_round // 2)) if cfg.policy_value.asynchronous \
-        else cfg.clients_per_round
+    # how many clients one executor call usually trains: a round's, or (FedBuff) the few updates
+    # of a buffer that started from one model version (a batched chunk pads to its size)
+    per_call = 2 if cfg.policy_value.asynchronous else cfg.clients_per_round
     opts = {"clients_hint": per_call, **(executor_options or {})}
     if cfg.simulator == "sharded":
       opts["devices"] = cfg.devices
