@@ -506,3 +506,28 @@ def evidence_markdown(doc: dict, policies: Sequence[str] = ("none", "intra", "de
       name = f"{p} ({s['best_baseline']} is the best baseline)" if p == s["best_baseline"] else p
       rows.append(f"| {s['name']} | {name} | {tta} | {vs_none} | {vs_best} | {plat} |")
   return "\n".join(rows)
+
+
+def _main(argv=None) -> int:
+  import argparse
+  ap = argparse.ArgumentParser(prog="python -m mtfl_jax.experiments.evidence",
+                               description="record the federated evidence (resumable), or print an evidence.json "
+                                           "as a table")
+  ap.add_argument("--mode", default="quick", choices=("quick", "full", "gpu", "tiny"))
+  ap.add_argument("--out", help="where the runs and evidence.json go (rerun the same command to resume)")
+  ap.add_argument("--markdown", help="print this evidence.json as a markdown table and exit")
+  args = ap.parse_args(argv)
+  if args.markdown:
+    from mtfl_jax.files import read_json
+    print(evidence_markdown(read_json(args.markdown, "evidence", "record it with --out DIR", fields=("scenarios",))))
+    return 0
+  if not args.out:
+    ap.error("give --out DIR (or --markdown FILE)")
+  doc = run_evidence(config(args.mode), args.out,
+                     log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
+  print(evidence_table(doc))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(_main())
