@@ -3,7 +3,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
+import numpy as np
+import pytest  # noqa: E402
 import matplotlib.colors  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -172,12 +173,22 @@ def test_find_recorded_takes_the_newest_under_data_recorded(tmp_path):
 
 
 def test_fig6_draws_every_scenario():
-  curves = {p: [{"virtual_time_s": 1.0, "accuracy": {"a": 0.5, "b": 0.4}}] for p in ("none", "full")}
-  d = {"device": "cpu: test", "scenarios": [{"name": "one", "tasks": ["a"], "curves": curves},
-                                            {"name": "two", "tasks": ["a", "b"], "curves": curves}]}
+  # the evidence document's shape: per scenario its tasks, targets, best baseline and, per
+  # policy, one evaluation curve [[virtual time, {task: metric}], ...] per seed
+  def curves(level):
+    return [[[t, {"a": level + 0.1 * t + k * 0.01, "b": level}] for t in (1.0, 2.0, 3.0)] for k in range(3)]
+  def scenario(name, tasks):
+    return {"name": name, "scenario": {"tasks": tasks}, "targets": {t: 0.5 for t in tasks},
+            "best_baseline": "deadline", "curves": {"none": curves(0.3), "deadline": curves(0.4), "full": curves(0.5)}}
+  d = {"device": "cpu: test", "seeds": [0, 1, 2], "scenarios": [scenario("one", ["a"]), scenario("two", ["a", "b"])]}
   fig = plotting.fig6_accuracy(d)
-  titles = [a.get_title() for a in fig.axes if a.get_visible()]
-  assert titles == ["one: a", "two: a", "two: b"]
+  shown = [a for a in fig.axes if a.get_visible() and a.axison]
+  assert [a.get_title() for a in shown] == ["one: a", "two: a", "two: b"]
+  # none, the best baseline and full, each a median line; the target a dotted line
+  labels = [ln.get_label() for ln in shown[0].get_lines()]
+  assert labels == ["none", "deadline", "full", "target"]
+  med = shown[0].get_lines()[2].get_ydata()  # full's median over seeds at each grid time
+  assert list(med) == pytest.approx([0.5 + 0.1 * t + 0.01 for t in (1.0, 2.0, 3.0)])
 
 
 def test_compact_png_keeps_the_picture_in_fewer_bytes():

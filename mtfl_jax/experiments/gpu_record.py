@@ -364,10 +364,12 @@ def flops_table(raw: dict, device_kind: str) -> dict:
 
 
 def _sim_rate(scale: dict | None, task: str, clients: int = 100) -> float | None:
-  """Client updates per second of ``task`` at ``clients`` clients on one device, one process
-  (the scale benchmark's summary row)."""
+  """Client updates per second of ``task`` at ``clients`` clients on one device, one process,
+  batched executor (the scale benchmark's summary row; the per-client loop's row beside it is
+  the reference, not the simulator's rate)."""
   for r in (scale or {}).get("summary", []):
-    if (r.get("task"), r.get("clients"), r.get("devices"), r.get("processes")) == (task, clients, 1, 1):
+    if (r.get("task"), r.get("clients"), r.get("devices"), r.get("processes")) == (task, clients, 1, 1) \
+        and r.get("executor_kind", "batched") == "batched":
       return r.get("client_updates_per_s")
   return None
 
