@@ -101,3 +101,12 @@ def test_a_rerun_resumes_from_the_kept_runs(tiny):
   strip = lambda d: {k: v for k, v in d.items() if k != "wall_s"}  # noqa: E731
   assert strip(again) == strip(doc)
   assert math.isfinite(doc["wall_s"])
+
+
+def test_a_partial_recording_says_so_in_the_report(tiny):
+  from mtfl_jax.experiments.reproduce import _evidence_rows
+  _, _, doc = tiny
+  assert "partial" not in _evidence_rows(doc)[0]["note"]
+  part = {**doc, "complete": False, "sweep": []}
+  note = _evidence_rows(part)[0]["note"]
+  assert f"only the scenarios {doc['scenarios'][0]['name']}" in note and "no heterogeneity sweep" in note

@@ -297,6 +297,9 @@ def _evidence_rows(ev: dict) -> list[dict]:
                                                    for p, v in s["policies"].items() if p not in ("none", "full")
                                                    and "[" not in p) for s in ev["scenarios"])
   smoke = "" if ev["mode"] == "full" else f" A '{ev['mode']}' run: a smoke test of the code paths, not evidence."
+  if not ev.get("complete", True):  # a recording stopped part-way: say which scenarios it holds
+    smoke += (" A partial recording: only the scenarios " + ", ".join(s["name"] for s in ev["scenarios"])
+              + (" and no heterogeneity sweep" if not ev.get("sweep") else "") + " were recorded.")
   return [
       {"figure": "fig5_time_to_accuracy",
        "headline": "time to accuracy of the task set (every task at its target), speedup over none (paired; median "
