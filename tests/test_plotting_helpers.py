@@ -1,4 +1,6 @@
 """The notebooks' plotting helpers draw from plain values (no measurement needed)."""
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -158,6 +160,12 @@ def test_evidence_figures_and_table(tmp_path, monkeypatch):
   assert got == doc and where == tmp_path
   monkeypatch.delenv("MTFL_EVIDENCE")
   assert plotting.load_evidence(start=tmp_path) == (None, None)
+  # a recording keeps its evidence beside its runs, under raw/evidence/
+  kept = tmp_path / "repo" / "data" / "recorded" / "dev" / "raw" / "evidence"
+  kept.mkdir(parents=True)
+  (kept / "evidence.json").write_text(json.dumps(doc))
+  got, where = plotting.load_evidence(start=tmp_path / "repo")
+  assert got == doc and where == kept
 
 
 def test_find_recorded_takes_the_newest_under_data_recorded(tmp_path):
