@@ -112,13 +112,21 @@ def test_recorded_run_truncated_or_of_the_wrong_layout(tmp_path, capsys):
   err = capsys.readouterr().err
   assert f"recorded experiment {rec / 'cosched.json'} is not valid JSON" in err and "re-record it" in err
   rec = _recorded_copy(tmp_path / "2")
+  doc = json.loads((rec / "evidence.json").read_text())  # the evidence (federated.json is its legacy)
+  del doc["scenarios"][0]["best_baseline"]
+  (rec / "evidence.json").write_text(json.dumps(doc))
+  assert main(["reproduce", "--from-recorded", str(rec), "--out", str(tmp_path / "o2")]) == 2
+  err = capsys.readouterr().err
+  assert "field 'best_baseline'" in err and "Traceback" not in err
+  rec = _recorded_copy(tmp_path / "3")  # a recording made before the evidence experiment still redraws
+  (rec / "evidence.json").unlink()
   doc = json.loads((rec / "federated.json").read_text())
   del doc["scenarios"][0]["gain"]
   (rec / "federated.json").write_text(json.dumps(doc))
-  assert main(["reproduce", "--from-recorded", str(rec), "--out", str(tmp_path / "o2")]) == 2
+  assert main(["reproduce", "--from-recorded", str(rec), "--out", str(tmp_path / "o3")]) == 2
   err = capsys.readouterr().err
   assert "field 'gain'" in err and "Traceback" not in err
-  assert main(["reproduce", "--from-recorded", str(tmp_path / "none"), "--out", str(tmp_path / "o3")]) == 2
+  assert main(["reproduce", "--from-recorded", str(tmp_path / "none"), "--out", str(tmp_path / "o4")]) == 2
   assert "does not exist" in capsys.readouterr().err
 
 
