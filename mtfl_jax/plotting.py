@@ -930,14 +930,15 @@ def find_recorded(filename: str, env: str | None = None, start=None):
 
 
 def load_evidence(start=None) -> tuple[dict | None, object]:
-  """The federated evidence to draw: ``evidence.json`` of ``$MTFL_EVIDENCE`` (a file or its
-  folder), else the newest recording's ``raw/evidence/evidence.json`` (kept beside its runs), else
+  """The federated evidence to draw: ``evidence.json`` of ``$MTFL_EVIDENCE`` (a file, its
+  folder, or a ``reproduce --out`` folder holding ``raw/evidence/``), else the newest recording's ``raw/evidence/evidence.json`` (kept beside its runs), else
   a ``data/recorded/<device>/evidence.json`` (see :func:`find_recorded`); and the folder its
   ``runs/`` paths are relative to. ``(None, None)`` when none is recorded."""
   import json
   import os
-  if os.environ.get("MTFL_EVIDENCE"):
-    path = find_recorded("evidence.json", "MTFL_EVIDENCE", start)
+  if os.environ.get("MTFL_EVIDENCE"):  # a file, an evidence folder, or a reproduce --out folder
+    path = (find_recorded("evidence.json", "MTFL_EVIDENCE", start)
+            or find_recorded("raw/evidence/evidence.json", "MTFL_EVIDENCE", start))
   else:
     path = find_recorded("raw/evidence/evidence.json", None, start) or find_recorded("evidence.json", None, start)
   if path is None:

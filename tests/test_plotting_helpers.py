@@ -166,6 +166,9 @@ def test_evidence_figures_and_table(tmp_path, monkeypatch):
   (kept / "evidence.json").write_text(json.dumps(doc))
   got, where = plotting.load_evidence(start=tmp_path / "repo")
   assert got == doc and where == kept
+  monkeypatch.setenv("MTFL_EVIDENCE", str(tmp_path / "repo" / "data" / "recorded" / "dev"))  # a reproduce --out
+  got, where = plotting.load_evidence()
+  assert got == doc and where == kept
 
 
 def test_find_recorded_takes_the_newest_under_data_recorded(tmp_path):
