@@ -448,6 +448,29 @@ def _steps(ckpt: Path) -> list[int]:
   return sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit()) if ckpt.is_dir() else []
 
 
+def test_an_interrupt_during_a_checkpoint_save_waits_for_the_save_then_acts_as_it_would_have():
+  from mtfl_jax.federated.callbacks import _interrupts_after
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  seen = []
+  signal.signal(signal.SIGTERM, lambda signum, frame: seen.append((signum, list(finished))))
+  try:
+    finished = []
+    with _interrupts_after():
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)  # delivered here, and held
+      finished.append(True)
+    assert seen == [(signal.SIGTERM, [True])]  # its handler ran once, after the block
+    finished.clear()
+    with pytest.raises(KeyboardInterrupt):
+      with _interrupts_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        finished.append(True)
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+  finally:
+    signal.signal(signal.SIGTERM, before[signal.SIGTERM])
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the child processes in /proc")
 def test_sigterm_mid_run_keeps_finished_rounds_a_rerun_resumes_and_bad_reruns_change_nothing(tmp_path, capsys):
   w, tmp = _seeded_workdir(tmp_path / "w"), tmp_path / "tmp"

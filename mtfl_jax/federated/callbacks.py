@@ -23,8 +23,11 @@ import csv
 import io
 import json
 import math
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -229,6 +232,34 @@ class CheckpointError(RuntimeError):
 
 
 @contextlib.contextmanager
+def _interrupts_after():
+  """Ctrl-C and SIGTERM wait until the block ends, then act as they would have. A checkpoint save
+  takes milliseconds; interrupted inside orbax's event loop or its metadata thread, it leaves a
+  traceback at shutdown instead of the one ``interrupted:`` line."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  got, previous = [], {}
+
+  def hold(signum, frame):
+    got.append(signum)
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    previous[sig] = signal.signal(sig, hold)
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    for sig in dict.fromkeys(got):
+      handler = previous[sig]
+      if callable(handler):
+        handler(sig, None)  # raises KeyboardInterrupt (the default Ctrl-C handler, the CLI's SIGTERM one)
+      elif handler in (signal.SIG_DFL, None):
+        os.kill(os.getpid(), sig)
+
+
+@contextlib.contextmanager
 def _filtered_stderr():
   """Drops the 'Event loop is closed' tracebacks that orbax's pending reads print after a
   failed restore; anything else written to ``sys.stderr`` goes through."""
@@ -422,10 +453,11 @@ class Checkpoint(Callback):
     if old:
       items["versions"] = ocp.args.StandardSave(old)
     try:
-      self.mgr.save(len(run.history), args=ocp.args.Composite(**items))
-      self.mgr.wait_until_finished()
-    except BaseException:  # Ctrl-C, SIGTERM, a full disk: the unfinished save's temporary folder goes
-      import shutil
+      with _interrupts_after():  # a save finishes first: the round it holds is kept
+        self.mgr.save(len(run.history), args=ocp.args.Composite(**items))
+        self.mgr.wait_until_finished()
+    except BaseException:  # a full disk (or an interrupt raised after the save): an unfinished save's
+      import shutil  # temporary folder goes
       for tmp in Path(self.mgr.directory).glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
       raise
