@@ -12,7 +12,7 @@ PUBLIC = {"mtfl_jax", "mtfl_jax.federated", "mtfl_jax.distributed", "mtfl_jax.vr
           "mtfl_jax.tasks", "mtfl_jax.data", "mtfl_jax.profiling", "mtfl_jax.cosched", "mtfl_jax.backends"}
 INTERNAL = re.compile(r"bench_|reproduce|experiments|gpu_record")
 # a cell plots when it calls plt.* or a drawing function of mtfl_jax.plotting
-PLOTS = re.compile(r"\bplt\.|\bplotting\.\w+\(|\bFIGURES\[|\bdraw\(")
+PLOTS = re.compile(r"\bplt\.|\bplotting\.(?!evidence_table|load_evidence|find_recorded)\w+\(|\bFIGURES\[|\bdraw\(")
 
 
 def _cells(path):
