@@ -23,6 +23,15 @@ BUSY_COLOR = "#0072b2"  # a client's busy time (idle is light grey)
 
 def _title(fig, text: str, device: str, note: str | None):
   fig.suptitle(f"{text}\nmeasured on {device}" + (f"\n{note}" if note else ""), fontsize=10)
+  if fig.subplotpars.top > _title_top(fig):  # laid out already: make room for the title's lines
+    fig.subplots_adjust(top=_title_top(fig))
+
+
+def _title_top(fig) -> float:
+  """The top of the axes' area (figure fraction) that leaves the suptitle's lines clear of the
+  axes' own titles."""
+  lines = fig.get_suptitle().count("\n") + 1 if fig.get_suptitle() else 0
+  return 1.0 - (lines * 14 + 22 * bool(lines)) / (72 * fig.get_figheight())
 
 
 def _num(v: float) -> str:
