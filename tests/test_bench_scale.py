@@ -4,7 +4,10 @@ import json
 
 import pytest
 
+from mtfl_jax.calibration import load_layout
+from mtfl_jax.device import device_name
 from mtfl_jax.experiments.bench_scale import _modes, bench_scale, scale_federation
+from mtfl_jax.federated.executors import best_batched
 
 
 def test_scale_benchmark_tiny_point(tmp_path):
@@ -30,6 +33,13 @@ def test_scale_benchmark_tiny_point(tmp_path):
     assert p["mfu"] == pytest.approx(p["flops_per_step"] * p["local_steps"] / p["round_s"] / out["peak_flops"],
                                      rel=1e-3)
   assert out["targets"]["aggregate_equal"]["met"] and out["targets"]["no_recompiles"]["met"]
+  # the batched layout: chosen once by measurement before the points, kept in the (test's own)
+  # calibration store, and run by every batched point of that task and client count
+  lay = out["layouts"]["digits_mlp/8"]
+  assert lay["source"] in ("measured", "stored") and lay["key"] == "digits_mlp|" + device_name() + "|clients=8"
+  assert set(lay["choice"]["seconds"]) == {"loop", "vmap/8", "map/8"}
+  assert load_layout(lay["key"]) == lay["choice"]
+  assert {p["inner"] for p in out["points"] if p["executor_kind"] == "batched"} == {lay["inner"]}
   table = "\n".join(lines)
   assert "updates/s" in table and "\ndigits_mlp         8    2    1" in table
 
@@ -51,3 +61,11 @@ def test_every_client_holds_data(clients):
   if clients == 100:  # the real federation's shards
     fed = build_federation(FedConfig(tasks=("digits_mlp",), num_clients=100, clients_per_round=100, alpha=0.5))
     assert all((a == b).all() for a, b in zip(shards, fed.tasks[0].shards))
+
+
+def test_best_batched_is_the_runner_up_when_the_loop_won():
+  won = {"inner": "map_patch", "per_device": 5, "seconds": {"loop": 0.4, "map_patch/5": 0.2, "vmap_patch/2": 0.3}}
+  assert best_batched(won) == ("map_patch", 5)
+  lost = {"inner": "loop", "per_device": None, "seconds": {"loop": 0.1, "vmap/16": 0.3, "map/16": 0.2}}
+  assert best_batched(lost) == ("map", 16)
+  assert best_batched({"inner": "loop", "per_device": None, "seconds": {"loop": 0.1}}) == (None, None)  # the default

@@ -101,6 +101,9 @@ def test_a_rerun_resumes_from_the_kept_runs(tiny):
   strip = lambda d: {k: v for k, v in d.items() if k != "wall_s"}  # noqa: E731
   assert strip(again) == strip(doc)
   assert math.isfinite(doc["wall_s"])
+  # the whole recording's compute time, whatever the sessions: every run's own wall time, summed
+  assert doc["runs_wall_s"]["runs"] == len(files)
+  assert doc["runs_wall_s"]["wall_s"] == pytest.approx(sum(ev.read_run(f)["wall_s"] for f in files), abs=0.1)
 
 
 def test_a_partial_recording_says_so_in_the_report(tiny):

@@ -418,15 +418,24 @@ def run_evidence(ec: EvidenceConfig, out: str | Path = "results/evidence", log=p
         doc = summarize_scenario(sc, cal, tuned, runs, ec.seeds, best, out)
         (scenarios if group == "main" else sweep).append(doc)
         # what is done so far, readable while the rest records (complete: False)
-        write_json(out / "evidence.json", _document(ec, scenarios, sweep, t0, device_name(), complete=False))
+        write_json(out / "evidence.json", _document(ec, scenarios, sweep, t0, device_name(), complete=False, out=out))
   finally:
     rec.close()
-  result = _document(ec, scenarios, sweep, t0, device_name(), complete=True)
+  result = _document(ec, scenarios, sweep, t0, device_name(), complete=True, out=out)
   write_json(out / "evidence.json", result)
   return result
 
 
-def _document(ec: EvidenceConfig, scenarios: list, sweep: list, t0: float, device: str, complete: bool) -> dict:
+def runs_wall_time(out: str | Path) -> dict:
+  """``{"runs", "wall_s"}``: how many runs the recording under ``out`` holds (calibration and
+  tuning runs included) and the sum of their wall times, each timed in the process that ran
+  it: the whole recording's compute time, however many sessions it was resumed over."""
+  files = sorted(Path(out).glob("runs/**/*.json.gz"))
+  return {"runs": len(files), "wall_s": round(sum(read_run(f)["wall_s"] for f in files), 1)}
+
+
+def _document(ec: EvidenceConfig, scenarios: list, sweep: list, t0: float, device: str, complete: bool,
+              out: str | Path | None = None) -> dict:
   return {"device": device, "mode": ec.mode, "complete": complete, "seeds": list(ec.seeds),
           "calibration_seeds": list(ec.calibration_seeds),
           "targets": {s["name"]: s["targets"] for s in scenarios + sweep},
@@ -443,7 +452,10 @@ def _document(ec: EvidenceConfig, scenarios: list, sweep: list, t0: float, devic
                                         "calibration seeds",
               "work_beyond_nominal_s": "training work (solo-seconds) beyond the clients' nominal epochs: never a gain",
               "fl_throughput": "work per virtual second: a diagnostic, not a result"},
-          "scenarios": scenarios, "sweep": sweep, "wall_s": round(time.perf_counter() - t0, 1)}
+          "scenarios": scenarios, "sweep": sweep, "wall_s": round(time.perf_counter() - t0, 1),
+          "wall_s_means": "this invocation's wall time (a resumed recording counts only its last part); "
+                          "runs_wall_s: the sum of every run's own wall time, over all sessions",
+          "runs_wall_s": runs_wall_time(out) if out is not None else None}
 
 
 def _best_baseline(rec: Recorder, out: Path, sc: Scenario, ec: EvidenceConfig, clock: dict, cal: dict,

@@ -77,6 +77,47 @@ def choose_layout(fed_task, program, clients: int, repeats: int = 3, steps: int 
           "clients": len(works), "steps": steps}
 
 
+def layout_key(fed_task, program, clients_hint=None) -> tuple[str, int]:
+  """``(key, clients)``: where the layout of ``fed_task``'s clients on this device is kept in the
+  calibration store, and the round size it is measured at (rounds of similar size share a
+  choice: ``clients_hint`` rounded up to a power of two)."""
+  from mtfl_jax.device import device_name
+  clients = 1 << max(0, int(clients_hint or 8) - 1).bit_length()
+  return (f"{fed_task.name}|{device_name()}|clients={clients}" + ("|stateful" if program.stateful else ""),
+          clients)
+
+
+def stored_or_measured_layout(fed_task, program, clients_hint=None, store: bool = True, log=None) -> tuple[dict, str]:
+  """The layout choice for ``fed_task`` on this device (:func:`layout_key`): the one in the
+  calibration store, else measured now (:func:`choose_layout`) and kept there. Returns the
+  choice and where it came from (``"stored"`` or ``"measured"``)."""
+  from mtfl_jax.calibration import load_layout, save_layout
+  key, clients = layout_key(fed_task, program, clients_hint)
+  choice = load_layout(key) if store else None
+  if choice is not None:
+    return choice, "stored"
+  choice = choose_layout(fed_task, program, clients, log=log)
+  if store:
+    try:
+      save_layout(key, choice)
+    except OSError:  # a read-only store: the choice holds for this run only
+      pass
+  return choice, "measured"
+
+
+def best_batched(choice: dict) -> tuple[str, int | None]:
+  """``(inner, per_device)`` of the fastest *batched* layout a :func:`choose_layout` choice
+  measured (the choice itself when a batched layout won; the runner-up when the loop did;
+  ``(None, None)``, the executor's default, when no batched layout was measured)."""
+  secs = {k: v for k, v in choice.get("seconds", {}).items() if k != "loop"}
+  if choice["inner"] != "loop":
+    return choice["inner"], choice["per_device"]
+  if not secs:
+    return None, None
+  inner, _, k = min(secs, key=secs.get).partition("/")
+  return inner, int(k) if k else None
+
+
 class AutoExecutor(ClientExecutor):
   """The fastest layout for this task on this device, chosen by measurement once per machine,
   task and round size (:func:`choose_layout`) and kept in the calibration store
@@ -84,19 +125,8 @@ class AutoExecutor(ClientExecutor):
   loop or a batched layout. The choice is in ``choice``."""
 
   def __init__(self, fed_task, program, clients_hint=None, store: bool = True, **options):
-    from mtfl_jax.calibration import load_layout, save_layout
-    from mtfl_jax.device import device_name
-    clients = 1 << max(0, int(clients_hint or 8) - 1).bit_length()  # rounds of similar size share a choice
-    key = (f"{fed_task.name}|{device_name()}|clients={clients}"
-           + ("|stateful" if program.stateful else ""))
-    choice = load_layout(key) if store else None
-    if choice is None:
-      choice = choose_layout(fed_task, program, clients)
-      if store:
-        try:
-          save_layout(key, choice)
-        except OSError:  # a read-only store: the choice holds for this run only
-          pass
+    choice, _ = stored_or_measured_layout(fed_task, program, clients_hint, store)
+    clients = layout_key(fed_task, program, clients_hint)[1]
     self.choice = choice["inner"] if choice["per_device"] is None else f"{choice['inner']}/{choice['per_device']}"
     self.inner = (LoopExecutor(fed_task, program) if choice["inner"] == "loop" else
                   BatchedExecutor(fed_task, program, client_mesh(1), inner=choice["inner"],
@@ -137,5 +167,6 @@ def make_executor(name: str, fed_task, program, **options) -> ClientExecutor:
   return ex
 
 
-__all__ = ["Aggregate", "AutoExecutor", "choose_layout", "layout_candidates", "BatchedExecutor", "ClientExecutor", "EXECUTORS", "LoopExecutor",
+__all__ = ["Aggregate", "AutoExecutor", "best_batched", "choose_layout", "layout_candidates", "layout_key",
+           "stored_or_measured_layout", "BatchedExecutor", "ClientExecutor", "EXECUTORS", "LoopExecutor",
            "all_finite", "check_weights", "client_mesh", "make_executor", "output_names", "register_executor"]
