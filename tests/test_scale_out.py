@@ -571,3 +571,29 @@ def test_a_rerun_names_the_settings_that_differ_and_may_change_devices_and_round
   saved = {"tasks": ["digits_mlp"], "seed": 0, "rounds": 2, "devices": 2}
   assert config_differences(saved, {**saved, "rounds": 5, "devices": None}) == ""
   assert config_differences(saved, {**saved, "seed": 1}) == "seed: 0 -> 1"
+
+
+def test_auto_and_sharded_run_the_layout_kept_in_the_calibration_store(monkeypatch, tmp_path):
+  """``auto`` runs the stored choice, the loop included; ``sharded`` the fastest *batched*
+  layout of that measurement (it cannot run the loop), unless ``inner`` is given; with nothing
+  stored the layout is measured once and kept, and the next executor reads it back."""
+  from mtfl_jax.calibration import load_layout, save_layout
+  from mtfl_jax.federated import FedConfig, build_federation, make_executor
+  from mtfl_jax.federated.client import fedavg_program
+  from mtfl_jax.federated.executors import layout_key, stored_or_measured_layout
+  monkeypatch.setenv("MTFL_PROFILE_DIR", str(tmp_path))
+  ft = build_federation(FedConfig(tasks=("digits_mlp",), num_clients=8, clients_per_round=4)).tasks[0]
+  program = fedavg_program(ft.task)
+  key, clients = layout_key(ft, program, 3)
+  assert clients == 4 and key.endswith("|clients=4")  # rounds of 3 and 4 clients share a choice
+  save_layout(key, {"inner": "loop", "per_device": None, "seconds": {"loop": 0.1, "vmap/4": 0.3, "map/4": 0.2}})
+  assert make_executor("auto", ft, program, clients_hint=4).name == "auto (loop)"
+  shd = make_executor("sharded", ft, program, clients_hint=4, devices=1)
+  assert (shd.inner, shd.k_max) == ("map", 4)
+  assert make_executor("sharded", ft, program, clients_hint=4, devices=1, inner="vmap").inner == "vmap"
+  key16 = layout_key(ft, program, 16)[0]
+  assert load_layout(key16) is None
+  choice, source = stored_or_measured_layout(ft, program, 16)
+  assert source == "measured" and load_layout(key16) == choice
+  assert set(choice["seconds"]) == {"loop", "vmap/8", "map/8"} and choice["clients"] == 8  # the 8 holders
+  assert stored_or_measured_layout(ft, program, 16) == (choice, "stored")

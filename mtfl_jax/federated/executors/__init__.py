@@ -2,7 +2,8 @@
 
 ``FedConfig.simulator`` names one: ``loop`` (:class:`LoopExecutor`, the reference), ``vmap``
 (:class:`BatchedExecutor` on one device), ``sharded`` (:class:`BatchedExecutor` over
-``FedConfig.devices`` devices, all processes included), ``auto`` (:class:`AutoExecutor`: the
+``FedConfig.devices`` devices, all processes included; in one process, in the batched layout
+measured fastest), ``auto`` (:class:`AutoExecutor`: the
 fastest of the per-client loop and the batched layouts, measured once per machine and task
 and kept in the calibration store), or one you registered with :func:`register_executor`.
 """
@@ -148,6 +149,13 @@ def _vmap(fed_task, program, clients_hint=None, **options):
 
 
 def _sharded(fed_task, program, devices=None, clients_hint=None, **options):
+  """:class:`BatchedExecutor` over ``devices``; unless ``inner`` is given, in the batched layout
+  measured fastest for this task and round size (:func:`stored_or_measured_layout`, as ``auto``
+  does). A run of several processes keeps the executor's default: each process would measure
+  on its own, and they must all compile the same programs."""
+  if options.get("inner") is None and jax.process_count() == 1:
+    inner, k = best_batched(stored_or_measured_layout(fed_task, program, clients_hint)[0])
+    options = {**options, "inner": inner, "per_device": options.get("per_device") or k}
   return BatchedExecutor(fed_task, program, client_mesh(devices), clients_hint=clients_hint, **options)
 
 
