@@ -591,9 +591,24 @@ def test_auto_and_sharded_run_the_layout_kept_in_the_calibration_store(monkeypat
   shd = make_executor("sharded", ft, program, clients_hint=4, devices=1)
   assert (shd.inner, shd.k_max) == ("map", 4)
   assert make_executor("sharded", ft, program, clients_hint=4, devices=1, inner="vmap").inner == "vmap"
+  given = make_executor("sharded", ft, program, clients_hint=4, devices=1, per_device=2)  # no half-measured mix
+  assert (given.inner, given.k_max) == ("vmap", 2)
   key16 = layout_key(ft, program, 16)[0]
   assert load_layout(key16) is None
   choice, source = stored_or_measured_layout(ft, program, 16)
   assert source == "measured" and load_layout(key16) == choice
   assert set(choice["seconds"]) == {"loop", "vmap/8", "map/8"} and choice["clients"] == 8  # the 8 holders
   assert stored_or_measured_layout(ft, program, 16) == (choice, "stored")
+
+
+def test_a_run_says_when_it_measures_a_client_layout_and_not_once_kept(monkeypatch, tmp_path, capsys):
+  from mtfl_jax.federated import FedConfig, run_federated
+  from mtfl_jax.vresource import VRModel
+  monkeypatch.setenv("MTFL_PROFILE_DIR", str(tmp_path))
+  cfg = FedConfig(tasks=("digits_mlp",), num_clients=4, clients_per_round=3, rounds=1, simulator="auto")
+  model = VRModel({"digits_mlp": 1e-3}, {"digits_mlp": 1.0}, {"digits_mlp": 1.0})
+  run_federated(cfg, model, progress=True)
+  out = capsys.readouterr().out
+  assert "mtfl_jax: measuring the client layouts of digits_mlp for rounds of about 3 clients" in out, out
+  run_federated(cfg, model, progress=True)
+  assert "measuring the client layouts" not in capsys.readouterr().out  # kept: read back, not measured

@@ -582,7 +582,8 @@ def scale_table(out: dict) -> str:
   for tc, lay in out.get("layouts", {}).items():
     if lay.get("inner"):
       rows.append(f"{tc}: batched layout {lay['inner']}" + (f"/{lay['per_device']}" if lay["per_device"] else "")
-                  + f" ({lay['source']}; simulator='auto' runs {lay['choice']['inner']})")
+                  + f" ({lay['source']}; simulator='auto' runs {lay['choice']['inner']}"
+                  + (f"/{lay['choice']['per_device']}" if lay["choice"].get("per_device") else "") + ")")
   for t, s in out["speedup"].items():
     rows.append(f"{t} at 100 clients: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in s.items()))
   if out["mlp_1000_round_s"]:
@@ -591,7 +592,8 @@ def scale_table(out: dict) -> str:
     rows.append(f"{t} peak memory 1,000 / 100 clients: " + ", ".join(f"{k} {v:.2f}x" for k, v in m.items()))
   for k, v in out["targets"].items():
     rows.append(f"target {k}: {v['target']}: measured {v['measured']} -> {'met' if v['met'] else 'NOT met'}"
-                + (f" (one float32 step of the parameters: {v['float32_step']:.2e})" if v.get("float32_step") else ""))
+                + (f" (one float32 step of the largest parameter over max |reference delta|: "
+                   f"{v['float32_step']:.2e})" if v.get("float32_step") else ""))
   if out.get("quick_skips"):
     rows.append(f"quick mode: {out['quick_skips']}")
   rows.append(f"device: {out['device']}; load average {out['load_average_start'][0]:.1f} at start, "

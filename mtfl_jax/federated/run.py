@@ -129,9 +129,23 @@ def init_server(cfg: FedConfig, runtimes: Sequence[TaskRuntime]) -> ServerState:
   return ServerState(round=jnp.zeros((), jnp.int32), models=models)
 
 
-def make_runtimes(cfg: FedConfig, fed: Federation, server_tx=None, executor_options=None) -> list[TaskRuntime]:
+def _measures_layout(cfg: FedConfig, ft, program, per_call: int, opts: dict) -> bool:
+  """Whether building this task's executor measures its client layout (nothing stored yet)."""
+  from mtfl_jax.calibration import load_layout
+  from mtfl_jax.federated.executors import layout_key
+  if cfg.simulator == "sharded":
+    if jax.process_count() > 1 or opts.get("inner") is not None or opts.get("per_device") is not None:
+      return False
+  elif cfg.simulator != "auto" or opts.get("store") is False:
+    return False
+  return load_layout(layout_key(ft, program, per_call)[0]) is None
+
+
+def make_runtimes(cfg: FedConfig, fed: Federation, server_tx=None, executor_options=None,
+                  log=None) -> list[TaskRuntime]:
   """Each task's algorithm (the config's aggregator, server optimizer, FedProx/SCAFFOLD) and
-  client executor (``cfg.simulator``), built once for the run."""
+  client executor (``cfg.simulator``), built once for the run. ``log`` hears when ``auto`` or
+  ``sharded`` first measures a task's client layout on this machine (it takes a while once)."""
   tx = server_optimizer(server_tx if server_tx is not None else cfg.server_optimizer, cfg.server_lr,
                         cfg.server_kwargs)
   out = []
@@ -144,6 +158,10 @@ def make_runtimes(cfg: FedConfig, fed: Federation, server_tx=None, executor_opti
     opts = {"clients_hint": per_call, **(executor_options or {})}
     if cfg.simulator == "sharded":
       opts["devices"] = cfg.devices
+    if log and _measures_layout(cfg, ft, algo.program, per_call, opts):
+      from mtfl_jax.calibration import store_path
+      log(f"mtfl_jax: measuring the client layouts of {ft.name} for rounds of about {per_call} clients "
+          f"(once on this machine; kept in {store_path().name})")
     out.append(TaskRuntime(ft, algo, make_executor(cfg.simulator, ft, algo.program, **opts)))
   return out
 
@@ -223,7 +241,7 @@ def run_federated(cfg: FedConfig, model: VRModel | None = None, workdir: str | P
   if workdir is not None and main:
     check_writable(workdir, "workdir", directory=True)
   fed = build_federation(cfg) if fed is None else fed.with_config(cfg)
-  runtimes = make_runtimes(cfg, fed, executor_options=executor_options)
+  runtimes = make_runtimes(cfg, fed, executor_options=executor_options, log=log)
   try:
     state, history, evaluations, async_done, restored_versions = init_server(cfg, runtimes), [], [], None, {}
     builtins: list[Callback] = []

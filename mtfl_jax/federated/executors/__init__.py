@@ -2,8 +2,8 @@
 
 ``FedConfig.simulator`` names one: ``loop`` (:class:`LoopExecutor`, the reference), ``vmap``
 (:class:`BatchedExecutor` on one device), ``sharded`` (:class:`BatchedExecutor` over
-``FedConfig.devices`` devices, all processes included; in one process, in the batched layout
-measured fastest), ``auto`` (:class:`AutoExecutor`: the
+``FedConfig.devices`` devices, all processes included, in the batched layout measured fastest),
+``auto`` (:class:`AutoExecutor`: the
 fastest of the per-client loop and the batched layouts, measured once per machine and task
 and kept in the calibration store), or one you registered with :func:`register_executor`.
 """
@@ -149,13 +149,23 @@ def _vmap(fed_task, program, clients_hint=None, **options):
 
 
 def _sharded(fed_task, program, devices=None, clients_hint=None, **options):
-  """:class:`BatchedExecutor` over ``devices``; unless ``inner`` is given, in the batched layout
-  measured fastest for this task and round size (:func:`stored_or_measured_layout`, as ``auto``
-  does). A run of several processes keeps the executor's default: each process would measure
-  on its own, and they must all compile the same programs."""
-  if options.get("inner") is None and jax.process_count() == 1:
-    inner, k = best_batched(stored_or_measured_layout(fed_task, program, clients_hint)[0])
-    options = {**options, "inner": inner, "per_device": options.get("per_device") or k}
+  """:class:`BatchedExecutor` over ``devices``; unless ``inner`` or ``per_device`` is given, in
+  the batched layout measured fastest for this task and round size
+  (:func:`stored_or_measured_layout`, as ``auto`` does; measured on one device, run on all).
+  In a run of several processes nothing is measured (each process would measure on its own,
+  and all must compile the same programs): every process runs process 0's stored choice, or
+  the executor's default when it has none."""
+  if options.get("inner") is None and options.get("per_device") is None:
+    if jax.process_count() == 1:
+      choice = stored_or_measured_layout(fed_task, program, clients_hint)[0]
+    else:
+      from mtfl_jax.calibration import load_layout
+      from mtfl_jax.distributed import broadcast_json, is_main_process
+      choice = broadcast_json(load_layout(layout_key(fed_task, program, clients_hint)[0]) if is_main_process()
+                              else None)
+    if choice is not None:
+      inner, k = best_batched(choice)
+      options = {**options, "inner": inner, "per_device": k}
   return BatchedExecutor(fed_task, program, client_mesh(devices), clients_hint=clients_hint, **options)
 
 
