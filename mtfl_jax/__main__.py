@@ -438,20 +438,59 @@ class _Parser(argparse.ArgumentParser):
     raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
-class _Terminated:
-  """SIGTERM ends a command as Ctrl-C does: the handler raises ``KeyboardInterrupt`` in the main
-  thread, so every ``finally`` and ``with`` runs (child processes stopped, temporary folders
-  removed) and the same ``interrupted:`` line is printed. A second SIGTERM while that clean-up
-  runs is ignored (a supervisor that insists sends SIGKILL)."""
+class _Interrupts:
+  """The CLI's SIGINT and SIGTERM handler: ``KeyboardInterrupt`` in the main thread, so every
+  ``finally`` and ``with`` runs (child processes stopped, temporary folders removed) and one
+  ``interrupted:`` line is printed. SIGTERM (``kill PID``, a scheduler's stop) ends a command
+  as Ctrl-C does; a second SIGTERM while that clean-up runs is ignored (a supervisor that
+  insists sends SIGKILL), a second Ctrl-C interrupts the clean-up as Python's own handler does.
+
+  An interrupt cannot be lost. Python raises it wherever the main thread happens to be, and
+  some places swallow it: a garbage-collector callback (JAX's ``_xla_gc_callback``), or C code
+  that clears errors (``PyObject_HasAttr`` in Python < 3.13; C extensions). The run would then
+  go on as if nothing was pressed; CI saw it twice. So the first interrupt starts a watchdog
+  thread: while the command has not ended, it looks at the main thread every
+  :attr:`CHECK_S` seconds, and when the main thread is handling no exception twice in a row
+  (a ``KeyboardInterrupt`` that is still unwinding shows in ``except``, ``finally`` and
+  ``__exit__``; one turned into another error shows as that error), the interrupt was
+  swallowed, and it raises it again in the main thread."""
+
+  CHECK_S = 0.25
 
   def __init__(self):
-    self.received = False
+    self.signals: list[int] = []  # what was received, first first
+    self.done = threading.Event()  # the command ended (its interrupted: or error: line printed)
+    self._again = False  # the next call is the watchdog's re-delivery
+    self._watchdog: threading.Thread | None = None
+
+  @property
+  def terminated(self) -> bool:
+    return signal.SIGTERM in self.signals
 
   def __call__(self, signum, frame):
-    if self.received:
-      return
-    self.received = True
+    if not self._again and signum == signal.SIGTERM and self.signals:
+      return  # a second SIGTERM during the clean-up
+    if not self._again:
+      self.signals.append(signum)
+    self._again = False
+    if self._watchdog is None:
+      self._watchdog = threading.Thread(target=self._watch, args=(threading.main_thread().ident,),
+                                        name="mtfl-interrupt-watchdog", daemon=True)
+      self._watchdog.start()
     raise KeyboardInterrupt
+
+  def _watch(self, main_id: int) -> None:
+    quiet = 0
+    while not self.done.wait(self.CHECK_S):
+      exc = sys._current_exceptions().get(main_id)
+      handling = (exc[1] if isinstance(exc, tuple) else exc) is not None  # 3.11: (type, value, tb)
+      quiet = 0 if handling else quiet + 1
+      if quiet >= 2 and not self.done.is_set():
+        self._again, quiet = True, -4  # then a second to get there before looking again
+        signal.pthread_kill(main_id, self.signals[0])
+
+  def stop(self) -> None:
+    self.done.set()
 
 
 def _ignore(signum, frame):
@@ -567,9 +606,11 @@ def main(argv=None) -> int:
   args.argv = list(sys.argv[1:] if argv is None else argv)
   hook, sys.unraisablehook = sys.unraisablehook, _redeliver_swallowed_ctrl_c
   _PREVIOUS_HOOK[0] = hook if hook is not _redeliver_swallowed_ctrl_c else sys.__unraisablehook__
-  term, on_term = _Terminated(), False
+  interrupts, on_term = _Interrupts(), False
   if threading.current_thread() is threading.main_thread() and not os.environ.get(LAUNCHED_ENV):
-    previous_int, previous_term, on_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, term), True
+    previous_int, previous_term, on_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, interrupts), True
+    if previous_int is signal.default_int_handler:  # (not a Ctrl-C ignored from the start: nohup, `cmd &`)
+      signal.signal(signal.SIGINT, interrupts)
   try:
     code = args.fn(args)
     if isinstance(code, int) and code:
@@ -577,17 +618,19 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     # A second Ctrl-C (or SIGTERM) while the message is printed and the interpreter shuts down
     # would end the process by the signal instead of the documented exit code.
+    interrupts.stop()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if on_term:
       signal.signal(signal.SIGTERM, _ignore)
     print(f"\n{_interrupted(args)}", file=sys.stderr)
-    return 143 if term.received else 130
+    return 143 if interrupts.terminated else 130
   except Exception as e:  # noqa: BLE001 - sorted below: user errors in one line, bugs re-raised
     if isinstance(e, _user_errors()) or (isinstance(e, OSError) and e.errno in _DISK_ERRNOS):
       print(f"error: {e}", file=sys.stderr)
       return 2
     raise
   finally:
+    interrupts.stop()
     sys.unraisablehook = hook
     if on_term and argv is not None:  # called from Python (a test, a notebook): its handlers back
       # (None: a handler not set from Python, which cannot be put back: the default)

@@ -258,11 +258,12 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
   # (the command line's own handler, when there is one, does the same and sets the exit code)
   previous = (signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread()
               and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) else None)
-  done_at, stragglers = None, False
+  done_at, stragglers, first = None, False, {}
   try:
     while True:
       codes = [p.poll() for p in procs]
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+      first = {i: codes[i] for i in failed}  # the failures seen first: the cause, not its echoes
       if failed or all(c is not None for c in codes):
         break
       if codes[0] == 0:  # process 0 finished: the others get a grace period to end too
@@ -284,9 +285,9 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
       signal.signal(signal.SIGTERM, previous)
   if failed:
     stop_processes(procs)
-    if procs[0].returncode == 2:
+    i = failure_to_name(first, procs[0].returncode, failed)
+    if i is None:
       return 2  # process 0 printed its own one-line error (the others end with it)
-    i = failed[0]
     code = procs[i].returncode
     how = ("did not end after process 0 finished" if stragglers
            else f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
@@ -294,6 +295,20 @@ def launch_local(args: Sequence[str], num_processes: int, devices_per_process: i
     raise DistributedError(f"process {i} of {num_processes} {how}; the other processes were stopped"
                            + (f". Its last output:\n{tail}" if tail else ""))
   return procs[0].returncode
+
+
+def failure_to_name(first: dict[int, int], code0: int | None, failed: Sequence[int]) -> int | None:
+  """Which process a failed run's error names: None when process 0 said it itself.
+
+  ``first``: the exit codes of the processes seen failed first (the cause, not its echoes);
+  ``code0``: process 0's exit code once stopped; ``failed``: every failed process. A user error
+  (exit code 2) is said by process 0 in one line and the others end with it. A process that
+  died first (killed, crashed) is named even when process 0 then printed one line of its own
+  about the lost peer (gloo's "Connection refused"): that line is the echo, not the cause."""
+  if code0 == 2 and all(c == 2 for c in first.values()):
+    return None
+  cause = [i for i, c in first.items() if c != 2]
+  return cause[0] if cause else failed[0]
 
 
 LAUNCHER_ENV = "MTFL_LAUNCHED"  # in a launched process: the launcher's pid

@@ -289,15 +289,21 @@ def test_ctrl_c_ends_in_one_line_saying_what_was_kept(tmp_path):
   (out / "raw").mkdir(parents=True)
   write_json(out / "raw" / "workloads.json", {"device": "d", "repro_mode": "quick", "seed": 0})
   env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-  p = subprocess.Popen([sys.executable, "-m", "mtfl_jax", "reproduce", "--out", str(out)], cwd=REPO, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # -X faulthandler: should the Ctrl-C be lost again, SIGABRT shows where every thread was
+  p = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "mtfl_jax", "reproduce", "--out", str(out)],
+                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     for line in p.stdout:  # wait until it is measuring the second experiment
       if "[cosched]" in line:
         break
     time.sleep(1.0)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    try:
+      _, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+      p.send_signal(signal.SIGABRT)
+      _, err = p.communicate(timeout=30)
+      pytest.fail(f"the run went on 60 s after Ctrl-C; where it was:\n{err[-6000:]}")
   finally:
     if p.poll() is None:
       p.kill()
@@ -326,6 +332,54 @@ try:
 except KeyboardInterrupt:
   print("delivered")
 """
+
+
+_LOST_INTERRUPT = """
+import os, signal, sys, threading, time
+from mtfl_jax.__main__ import _Interrupts
+handler = _Interrupts() if sys.argv[1] == "watchdog" else signal.default_int_handler
+signal.signal(signal.SIGINT, handler)
+signal.signal(signal.SIGTERM, handler)
+sig = signal.SIGTERM if sys.argv[2] == "term" else signal.SIGINT
+cleanup_s = float(sys.argv[3])
+cleaned = []
+try:
+  try:
+    try:
+      threading.Timer(0.2, os.kill, (os.getpid(), sig)).start()
+      time.sleep(5)
+    except KeyboardInterrupt:
+      if cleanup_s == 0:
+        pass  # swallowed: what C code that clears errors does to it
+      else:
+        raise
+    finally:
+      if cleanup_s:  # a clean-up that takes a while: the interrupt is on its way, not lost
+        time.sleep(cleanup_s)
+        cleaned.append(1)
+    time.sleep(3)
+    print("lost")
+  except KeyboardInterrupt:
+    print("delivered" + (" after the clean-up" if cleaned else ""))
+finally:
+  if isinstance(handler, _Interrupts):
+    handler.stop()
+"""
+
+
+@pytest.mark.parametrize("handler, sig, cleanup_s, expected", [
+    ("default", "int", 0, "lost"),  # the loss is real without the watchdog
+    ("watchdog", "int", 0, "delivered"),
+    ("watchdog", "term", 0, "delivered"),
+    ("watchdog", "int", 1.5, "delivered after the clean-up"),  # a long finally is not interrupted again
+])
+def test_an_interrupt_swallowed_anywhere_is_raised_again(handler, sig, cleanup_s, expected):
+  # CI lost a Ctrl-C of test_ctrl_c_ends_in_one_line_saying_what_was_kept a second time, not in
+  # a gc callback: any place that swallows the KeyboardInterrupt loses it without the watchdog.
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  r = subprocess.run([sys.executable, "-c", _LOST_INTERRUPT, handler, sig, str(cleanup_s)], env=env,
+                     capture_output=True, text=True, timeout=60)
+  assert r.stdout.strip() == expected, (r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("hook, expected", [("default", "lost"), ("hook", "delivered")])

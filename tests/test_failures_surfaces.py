@@ -283,6 +283,19 @@ def test_join_failure_messages_name_who_never_joined():
          "expect more)" in distributed.join_failure(1, 2, "h:7", 5)
 
 
+@pytest.mark.parametrize("first, code0, failed, named", [
+    ({0: 2}, 2, [0], None),  # process 0's user error: its own one line
+    ({1: 2}, 2, [1], None),  # every process refused the same input: process 0 says it
+    ({1: -9}, -15, [1], 1),  # a killed worker, process 0 stopped before it noticed
+    ({1: -9}, 2, [1], 1),  # ... or after it printed its own line about the lost peer (CI saw it)
+    ({0: 2, 1: -9}, 2, [0, 1], 1),  # seen in the same poll: the killed one is the cause
+    ({1: 1}, 2, [1], 1),  # a worker's crash (a bug, exit code 1)
+    ({}, 0, [1], 1),  # a straggler after process 0 finished
+])
+def test_a_failed_run_names_the_process_that_failed_first(first, code0, failed, named):
+  assert distributed.failure_to_name(first, code0, failed) == named
+
+
 def _env(**extra):
   return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", **extra}
 

@@ -423,10 +423,12 @@ def test_two_processes_equal_one_survive_a_dead_worker_and_resume(one_process, t
       p.wait()
   assert p.returncode == 2, err[-3000:]
   assert err.strip().splitlines()[-1] == "error: process 1 of 2 was killed by signal 9; the other processes were stopped"
-  # one error, the launcher's (process 0's own stderr may carry gloo's C++ log of the lost peer,
-  # "ERROR failed to connect ... error: Connection refused": a log line, not a second error)
-  assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == [
-    "error: process 1 of 2 was killed by signal 9; the other processes were stopped"]
+  # no traceback; the launcher's line names the cause last. Before it, process 0 may have said in
+  # one line of its own what it saw of the lost peer (gloo: "Connection refused"), and gloo may
+  # have logged it; which, depends on the timing (CI saw both).
+  errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+  assert "Traceback" not in err and len(errors) <= 2 and errors[-1] == (
+    "error: process 1 of 2 was killed by signal 9; the other processes were stopped"), err[-3000:]
   assert stopped_in < 8, stopped_in  # not JAX's heartbeat timeout, nor the launcher's grace period
   assert not _children_of(p.pid) and not [pid for pid in kids if Path(f"/proc/{pid}").exists()]
   assert _steps(w) == ["1", "2"]  # the last checkpoint is intact
