@@ -445,7 +445,7 @@ class _Interrupts:
   as Ctrl-C does; a second SIGTERM while that clean-up runs is ignored (a supervisor that
   insists sends SIGKILL), a second Ctrl-C interrupts the clean-up as Python's own handler does.
 
-  An interrupt cannot be lost. Python raises it wherever the main thread happens to be, and
+  An interrupt is hard to lose. Python raises it wherever the main thread happens to be, and
   some places swallow it: a garbage-collector callback (JAX's ``_xla_gc_callback``), or C code
   that clears errors (``PyObject_HasAttr`` in Python < 3.13; C extensions). The run would then
   go on as if nothing was pressed; CI saw it twice. So the first interrupt starts a watchdog
@@ -453,7 +453,8 @@ class _Interrupts:
   :attr:`CHECK_S` seconds, and when the main thread is handling no exception twice in a row
   (a ``KeyboardInterrupt`` that is still unwinding shows in ``except``, ``finally`` and
   ``__exit__``; one turned into another error shows as that error), the interrupt was
-  swallowed, and it raises it again in the main thread."""
+  swallowed, and it raises it again in the main thread. (One swallowed while the main thread
+  works inside an unrelated ``except`` block is raised again only once that block ends.)"""
 
   CHECK_S = 0.25
 
@@ -468,6 +469,9 @@ class _Interrupts:
     return signal.SIGTERM in self.signals
 
   def __call__(self, signum, frame):
+    if self._again and self.done.is_set():  # a re-delivery that arrived after the command ended
+      self._again = False
+      return
     if not self._again and signum == signal.SIGTERM and self.signals:
       return  # a second SIGTERM during the clean-up
     if not self._again:
@@ -482,15 +486,20 @@ class _Interrupts:
   def _watch(self, main_id: int) -> None:
     quiet = 0
     while not self.done.wait(self.CHECK_S):
-      exc = sys._current_exceptions().get(main_id)
-      handling = (exc[1] if isinstance(exc, tuple) else exc) is not None  # 3.11: (type, value, tb)
-      quiet = 0 if handling else quiet + 1
+      quiet = 0 if _handling_an_exception(main_id) else quiet + 1
       if quiet >= 2 and not self.done.is_set():
-        self._again, quiet = True, -4  # then a second to get there before looking again
+        self._again, quiet = True, -4  # 6 quiet looks (1.5 s) before another re-delivery
         signal.pthread_kill(main_id, self.signals[0])
 
   def stop(self) -> None:
     self.done.set()
+
+
+def _handling_an_exception(thread_id: int) -> bool:
+  """Whether a thread is in an ``except``, ``finally`` (unwinding) or ``__exit__`` block; no
+  reference to the exception (and its frames) is kept."""
+  exc = sys._current_exceptions().get(thread_id)
+  return (exc[1] if isinstance(exc, tuple) else exc) is not None  # 3.11: (type, value, tb)
 
 
 def _ignore(signum, frame):
@@ -608,7 +617,8 @@ def main(argv=None) -> int:
   _PREVIOUS_HOOK[0] = hook if hook is not _redeliver_swallowed_ctrl_c else sys.__unraisablehook__
   interrupts, on_term = _Interrupts(), False
   if threading.current_thread() is threading.main_thread() and not os.environ.get(LAUNCHED_ENV):
-    previous_int, previous_term, on_term = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, interrupts), True
+    previous_int, on_term = signal.getsignal(signal.SIGINT), True
+    previous_term = signal.signal(signal.SIGTERM, interrupts)
     if previous_int is signal.default_int_handler:  # (not a Ctrl-C ignored from the start: nohup, `cmd &`)
       signal.signal(signal.SIGINT, interrupts)
   try:

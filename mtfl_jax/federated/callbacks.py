@@ -254,7 +254,7 @@ def _interrupts_after():
     for sig in dict.fromkeys(got):
       handler = previous[sig]
       if callable(handler):
-        handler(sig, None)  # raises KeyboardInterrupt (the default Ctrl-C handler, the CLI's SIGTERM one)
+        handler(sig, None)  # raises KeyboardInterrupt (the CLI's handler, or Python's Ctrl-C one)
       elif handler in (signal.SIG_DFL, None):
         os.kill(os.getpid(), sig)
 
